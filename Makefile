@@ -1,0 +1,65 @@
+# Optimization, Regularization and PEFT: the two commands are `make course` and `make test`.
+# Everything runs from .venv, created on first use (torch first, as $(TORCH_SPEC), so no other package
+# can pull a multi-GB CUDA build). Override the interpreter with PYTHON=..., torch with TORCH_SPEC=...
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(abspath $(VENV))/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.course-installed
+# nbgrader runs alembic from PATH when it creates a gradebook.
+export PATH := $(BIN):$(PATH)
+export MPLBACKEND ?= Agg
+export PYTHONDONTWRITEBYTECODE = 1
+ASSIGNMENTS = $(sort $(notdir $(patsubst %/,%,$(wildcard solutions/[0-9]*/))))
+PYTEST_ARGS ?=
+JOBS ?= 2
+
+.PHONY: help setup course course-full test test-fast lab release sync lint outputs bench clean
+
+help:
+	@echo "make course      run every notebook (fast mode) with papermill into runs/<timestamp>/"
+	@echo "make test        the whole test suite (unit, notebooks, grading, lint)"
+	@echo "make lab         JupyterLab on notebooks/ (the learner notebooks)"
+	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
+	@echo "make sync        restamp the Colab badge and setup cell of every notebook"
+	@echo "make course-full the same as course, in full mode"
+	@echo "make bench       speed and memory benchmarks -> bench/results.md"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -e ".[all]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, course_lib, papermill, nbgrader, nbval; print('torch', torch.__version__, '| course_lib', course_lib.__version__)"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+course: setup
+	COURSE_FAST=1 $(PY) tools/run_course.py
+
+course-full: setup
+	$(PY) tools/run_course.py --full
+
+test: setup
+	$(PY) -m ruff check course_lib tests tools bench
+	$(PY) -m pytest -n $(JOBS) --durations=15 -q $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+release: setup
+	cd grading && for a in $(ASSIGNMENTS); do $(BIN)/nbgrader generate_assignment "$$a" --force --log-level=WARN || exit 1; done
+	@echo "Released $(words $(ASSIGNMENTS)) assignments into notebooks/"
+
+sync: setup
+	$(PY) tools/sync_notebooks.py
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache grading/gradebook.db

@@ -1,0 +1,95 @@
+"""Seeding, device choice, fast mode and version checks: the few things every notebook does first."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "get_device", "is_fast", "check_version"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA) so that a CPU run repeats bit for bit.
+
+    Returns a ``torch.Generator`` seeded with ``seed`` for data shuffling, so that the data order does
+    not depend on how many random numbers model initialisation drew.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return torch.Generator().manual_seed(seed)
+
+
+def get_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Pick ``cuda`` > ``mps`` > ``cpu`` for ``"auto"`` (or None); otherwise return ``torch.device(device)``.
+
+    The environment variable ``COURSE_DEVICE`` overrides ``"auto"`` (e.g. ``COURSE_DEVICE=cpu``).
+    """
+    if device is None or device == "auto":
+        env = os.environ.get("COURSE_DEVICE", "").strip()
+        if env and env != "auto":
+            return get_device(env)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here: use device='auto' or 'cpu'")
+    return dev
+
+
+def is_fast(default: bool = False) -> bool:
+    """Fast mode from the environment variable ``COURSE_FAST`` ("1"/"true"/"yes" or "0"/"false"/"no")."""
+    value = os.environ.get("COURSE_FAST")
+    if value is None or value.strip() == "":
+        return default
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"COURSE_FAST must be 1/0 (or true/false), got {value!r}")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_version(required: str, installed: str | None = None) -> str:
+    """Stop with instructions when the installed course_lib is not the ``major.minor`` a notebook was written for.
+
+    Patch releases are compatible; a different major or minor version raises ``RuntimeError`` whose message
+    says exactly how to update. Returns the installed version.
+    """
+    from . import __version__
+
+    installed = __version__ if installed is None else installed
+    if _version_tuple(installed)[:2] != _version_tuple(required)[:2]:
+        raise RuntimeError(
+            f"This notebook was written for course_lib {required}, but {installed} is installed.\n"
+            "Update it so the notebook and the library agree:\n"
+            "  - in a clone of the course: git pull && make setup   (or: pip install -e .)\n"
+            "  - in Colab or another environment: re-run the first (setup) cell with FORCE_INSTALL = True,\n"
+            "    or: pip install --force-reinstall --no-deps 'course_lib @ git+<course repository URL>'\n"
+            "then restart the kernel."
+        )
+    return installed

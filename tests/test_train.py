@@ -1,0 +1,166 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from course_lib import seed_everything
+from course_lib.checkpoint import BestCheckpoint
+from course_lib.data import TensorLoader, digits_split, make_loaders
+from course_lib.models import MLP
+from course_lib.train import History, evaluate, fit
+
+
+def _run(seed=0, epochs=4, **kw):
+    seed_everything(seed)
+    split = digits_split(seed, n_train=200)
+    tr, va, _ = make_loaders(split, 32, seed=seed)
+    model = MLP(hidden=(32,), dropout=0.1)
+    h = fit(model, tr, va, epochs=epochs, lr=3e-3, split_hash=split.split_hash, device="cpu", **kw)
+    return model, h, tr, va
+
+
+def test_same_seed_same_history():
+    _, h1, _, _ = _run(seed=3)
+    _, h2, _, _ = _run(seed=3)
+    cols = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "grad_norm", "clip_frac"]
+    pd.testing.assert_frame_equal(h1.to_frame()[cols], h2.to_frame()[cols])
+    assert h1.steps == h2.steps
+    _, h3, _, _ = _run(seed=4)
+    assert h3.to_frame()["train_loss"].tolist() != h1.to_frame()["train_loss"].tolist()
+
+
+def test_history_columns_and_best_checkpoint_restored():
+    model, h, _, va = _run(epochs=5)
+    df = pd.DataFrame(h)
+    for col in ["epoch", "lr", "train_loss", "val_loss", "val_acc", "grad_norm", "clip_frac", "seconds"]:
+        assert col in df.columns
+    assert h.best_epoch == int(df.loc[df["val_loss"].idxmin(), "epoch"])
+    # restore_best=True: the model holds the kept checkpoint, whose val loss is the best value
+    assert evaluate(model, va)["loss"] == pytest.approx(h.best_value, rel=1e-6)
+    assert len(h.steps) == 5 * math.ceil(200 / 32)
+    assert h.trainable_params == h.total_params > 0
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    _, full, _, _ = _run(seed=1, epochs=6)
+
+    def stop_after_3(history, model):
+        if len(history) == 3:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "state.pt"
+    _, part, _, _ = _run(seed=1, epochs=6, save_to=path, callbacks=[stop_after_3])
+    assert len(part) == 3 and part.stopped_early and "interrupted" in part.stop_reason
+    # a fresh process would rebuild everything from scratch, with another seed even: resume must not care
+    _, resumed, _, _ = _run(seed=1, epochs=6, resume_from=path, save_to=path)
+    cols = ["epoch", "lr", "train_loss", "val_loss", "val_acc", "grad_norm"]
+    pd.testing.assert_frame_equal(resumed.to_frame()[cols], full.to_frame()[cols])
+    assert resumed.best_epoch == full.best_epoch
+    assert [s["loss"] for s in resumed.steps] == [s["loss"] for s in full.steps]
+
+
+def test_resume_with_scheduler_and_clipping(tmp_path):
+    kw = dict(scheduler="cosine", warmup_ratio=0.1, clip_grad_norm=0.5, epochs=4)
+    _, full, _, _ = _run(seed=2, **kw)
+
+    def stop(history, model):
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    _run(seed=2, save_to=tmp_path / "s.pt", callbacks=[stop], **kw)
+    _, resumed, _, _ = _run(seed=2, resume_from=tmp_path / "s.pt", **kw)
+    assert resumed.to_frame()["lr"].tolist() == full.to_frame()["lr"].tolist()
+    assert resumed.to_frame()["val_loss"].tolist() == full.to_frame()["val_loss"].tolist()
+
+
+def test_clipping_logs_preclip_norm_and_fraction():
+    _, h, _, _ = _run(epochs=2, clip_grad_norm=1e-3)
+    steps = pd.DataFrame(h.steps)
+    assert steps["clipped"].all() and (steps["grad_norm"] > 1e-3).all()
+    assert h[0]["clip_frac"] == 1.0
+    _, h2, _, _ = _run(epochs=2, clip_grad_norm=1e6)
+    assert h2[0]["clip_frac"] == 0.0
+
+
+def test_grad_accumulation_equals_big_batch():
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    m1, m2 = MLPWrap(base), MLPWrap(base)
+    m2.load_state_dict(m1.state_dict())
+    val = TensorLoader(X, y, 64)
+    fit(m1, TensorLoader(X.double(), y, 64), val_as(val), epochs=1, optimizer="sgd", lr=0.1, device="cpu")
+    fit(m2, TensorLoader(X.double(), y, 16), val_as(val), epochs=1, optimizer="sgd", lr=0.1, grad_accum_steps=4,
+        device="cpu")
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2)
+
+
+class MLPWrap(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        import copy
+
+        self.net = copy.deepcopy(base)
+
+    def forward(self, x):
+        return self.net(x.double())
+
+
+def val_as(loader):
+    return TensorLoader(loader.X.double(), loader.y, 64)
+
+
+def test_nonfinite_loss_stops_loudly_and_keeps_history():
+    def bad_loss(logits, y, reduction="mean"):
+        return torch.nn.functional.cross_entropy(logits, y, reduction=reduction) * float("nan")
+
+    seed_everything(0)
+    split = digits_split(0, n_train=100)
+    tr, va, _ = make_loaders(split, 32)
+    with pytest.raises(FloatingPointError, match=r"step 1 \(epoch 1.*lr=") as info:
+        fit(MLP(hidden=(16,)), tr, va, epochs=2, loss_fn=bad_loss, device="cpu")
+    assert isinstance(info.value.history, History)
+
+
+def test_early_stopping_with_patience():
+    seed_everything(0)
+    split = digits_split(0, n_train=150)
+    tr, va, _ = make_loaders(split, 16)
+    h = fit(MLP(hidden=(256,)), tr, va, epochs=60, lr=3e-3, checkpoint=BestCheckpoint(patience=3), device="cpu")
+    assert h.stopped_early and len(h) < 60
+    assert len(h) == h.best_epoch + 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(epochs=0), "epochs"), (dict(epochs=1, grad_accum_steps=0), "grad_accum_steps"),
+    (dict(epochs=1, clip_grad_norm=0), "clip_grad_norm"), (dict(epochs=1, precision="fp8"), "precision"),
+    (dict(epochs=1, optimizer="lion"), "optimizer"), (dict(epochs=1, lr=-1.0), "lr"),
+])
+def test_fit_bad_arguments(kw, match):
+    split = digits_split(0, n_train=50)
+    tr, va, _ = make_loaders(split, 16)
+    with pytest.raises(ValueError, match=match):
+        fit(MLP(hidden=(8,)), tr, va, device="cpu", **kw)
+
+
+def test_fit_refuses_fully_frozen_model():
+    split = digits_split(0, n_train=50)
+    tr, va, _ = make_loaders(split, 16)
+    m = MLP(hidden=(8,)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        fit(m, tr, va, epochs=1, device="cpu")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_and_activation_checkpointing_run(precision):
+    from course_lib.models import TinyTransformer
+
+    seed_everything(0)
+    split = digits_split(0, n_train=64)
+    tr, va, _ = make_loaders(split, 32)
+    m = TinyTransformer(d_model=16, n_heads=2, n_layers=1)
+    h = fit(m, tr, va, epochs=1, precision=precision, activation_checkpointing=True, device="cpu")
+    assert math.isfinite(h[0]["val_loss"]) and m.activation_checkpointing
