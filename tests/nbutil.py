@@ -1,0 +1,60 @@
+"""Helpers for tests that execute notebooks."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def notebooks(folder: str) -> list[Path]:
+    return sorted(p for p in (ROOT / folder).glob("[0-9]*/*.ipynb") if p.parent.name == p.stem)
+
+
+def nb_ids(paths) -> list[str]:
+    return [p.stem for p in paths]
+
+
+def kernel_env(**extra) -> dict:
+    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def execute(path: Path, *, cwd: Path, allow_errors: bool = False, timeout: int = 600, parameters=None,
+            kernel_name: str = "python3"):
+    """Execute a notebook with nbclient (parameters injected papermill-style) and return it."""
+    import papermill as pm
+
+    nb = nbformat.read(path, as_version=4)
+    if parameters:
+        nb = pm.parameterize.parameterize_notebook(nb, parameters)
+    from nbclient import NotebookClient
+
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(cwd)}})
+    old = dict(os.environ)
+    os.environ.update(kernel_env())
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return nb
+
+
+def errors(nb) -> list[tuple[int, dict, dict]]:
+    """(index, cell, error output) for every cell that raised."""
+    out = []
+    for i, cell in enumerate(nb.cells):
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                out.append((i, cell, o))
+    return out
+
+
+def python() -> str:
+    return sys.executable
