@@ -112,7 +112,8 @@ def digits_split(seed: int = 0, *, fractions=(0.6, 0.2, 0.2), classes=None, n_tr
     if n_train is not None:
         n_classes_here = len(np.unique(y))
         if not n_classes_here <= n_train <= len(train):
-            raise ValueError(f"n_train must be between {n_classes_here} (one per class) and {len(train)}, got {n_train}")
+            raise ValueError(f"n_train must be between {n_classes_here} (one per class) and {len(train)}, "
+                             f"got {n_train}")
         train = np.sort(train[_stratified_take(y[train], n_train, rng)])
         tag += f"|n_train={n_train}"
     y_train = y[train].copy()

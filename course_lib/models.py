@@ -19,7 +19,7 @@ __all__ = ["MLP", "TinyTransformer", "Attention", "TransformerBlock"]
 class _Checkpointable(nn.Module):
     activation_checkpointing = False
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> "_Checkpointable":
+    def set_activation_checkpointing(self, enabled: bool = True) -> _Checkpointable:
         """Recompute each block's activations in backward instead of storing them (less memory, ~1 extra forward)."""
         self.activation_checkpointing = bool(enabled)
         return self

@@ -86,7 +86,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def make_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``"adamw"`` (decoupled decay), ``"adam"`` (decay as L2 in the gradient), ``"sgd"`` (momentum) or ``"adamw8bit"``."""
+    """Build an optimizer by name.
+
+    ``"adamw"`` (decoupled decay), ``"adam"`` (decay as L2 in the gradient), ``"sgd"`` (with momentum) or
+    ``"adamw8bit"`` (course_lib's blockwise 8-bit AdamW).
+    """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:

@@ -25,7 +25,7 @@ def kernel_env(**extra) -> dict:
 
 
 def execute(path: Path, *, cwd: Path, allow_errors: bool = False, timeout: int = 600, parameters=None,
-            kernel_name: str = "python3"):
+            kernel_name: str = "python3", env: dict | None = None):
     """Execute a notebook with nbclient (parameters injected papermill-style) and return it."""
     import papermill as pm
 
@@ -37,7 +37,7 @@ def execute(path: Path, *, cwd: Path, allow_errors: bool = False, timeout: int =
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, allow_errors=allow_errors,
                             resources={"metadata": {"path": str(cwd)}})
     old = dict(os.environ)
-    os.environ.update(kernel_env())
+    os.environ.update(kernel_env(**(env or {})))
     try:
         client.execute()
     finally:

@@ -1,8 +1,8 @@
 """The setup learners and maintainers rely on: pyproject, environment.yml, the Makefile and CI script."""
 import ast
 import re
-import tomllib
 
+import tomllib
 from nbutil import ROOT
 
 CONDA_NAMES = {"torch": "pytorch"}
