@@ -1,0 +1,296 @@
+"""LoRA by hand: a low-rank adapter around a frozen ``nn.Linear``, and helpers to add, save and merge it.
+
+LoRA (Hu et al. 2021) keeps a pretrained weight ``W (out, in)`` frozen and learns a rank-``r`` update::
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T,      A: (r, in),  B: (out, r)
+
+``A`` starts like a Linear weight (kaiming uniform, a=sqrt(5)) and ``B`` at zero, so the adapted model
+starts exactly at the pretrained one. Only ``r * (in + out)`` numbers are trained instead of ``in * out``.
+After training, ``W + (alpha / r) B A`` is a plain weight again (``merge``): inference costs nothing extra.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "LoRALinear",
+    "add_lora",
+    "lora_layers",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "merge_lora",
+    "lora_parameter_count",
+]
+
+
+def _check_r_alpha_dropout(r, alpha, dropout) -> None:
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__} ({r!r})")
+    if r <= 0:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0 (a common choice is alpha = r or 2 * r), got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * dropout(x) @ A^T @ B^T`` around a frozen ``base: nn.Linear``.
+
+    Shapes: input ``(*, in)`` (any leading dimensions), output ``(*, out)``; ``lora_A`` is ``(r, in)``,
+    ``lora_B`` is ``(out, r)``; both get the dtype and device of ``base.weight``.
+
+    How the forward stays cheap: ``x`` is viewed as 2-D ``(N, in)`` (``N`` = all leading dimensions) and
+    the frozen path ``base(x)`` produces a fresh ``(N, out)`` tensor. The low-rank path first makes the
+    small ``h = x A^T`` ``(N, r)`` and then adds ``h B^T`` *into that tensor in place* with one ``addmm_``
+    whose ``alpha`` argument applies ``alpha / r`` inside the matrix product. So no ``(N, out)``
+    temporary is made for the low-rank product, none for the scaling and none for the sum, in forward or
+    backward (the backward of ``addmm_`` passes the output gradient through untouched and scales only
+    ``(N, r)``- and ``(r, out)``-sized products); with ``dropout == 0`` no dropout call touches ``x``.
+    Working on the 2-D tensor itself, not on a view of a 3-D output, matters: an in-place op on a view
+    makes autograd copy the whole output gradient in backward. Autograd allows the in-place add because
+    a Linear's backward needs its input and weight, not its output.
+
+    Merging: ``merge()`` adds ``(alpha / r) B A`` into ``base.weight`` (in place, no grad) and sets
+    ``merged = True``; the forward is then ``base(x)`` alone. ``unmerge()`` subtracts it back (equal up to
+    rounding). The rule: ``merge()`` on a merged layer and ``unmerge()`` on an unmerged one raise
+    ``RuntimeError`` (adding the update twice would silently corrupt the weight). Train unmerged: while
+    merged, ``lora_A``/``lora_B`` receive no gradient.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise TypeError("base is already a LoRALinear: wrap the plain nn.Linear once (or merge_lora first)")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        _check_r_alpha_dropout(r, alpha, dropout)
+        self.base = base
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.dropout_p = float(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does to its weight
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)  # (N, in): a free view for a contiguous x
+        out = self.base(x)  # (N, out): a fresh tensor (not a view), so it can be updated in place
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        # .to() is free when dtypes agree; under autocast base(x) and h are bf16/fp16 while B is fp32
+        h = F.linear(x, self.lora_A).to(out.dtype)  # (N, r): small
+        out.addmm_(h, self.lora_B.t().to(out.dtype), alpha=self.scaling)  # out += scaling * h B^T
+        return out.view(*lead, self.out_features)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(alpha / r) * B @ A`` with the shape of ``base.weight`` ``(out, in)``."""
+        return torch.mm(self.lora_B, self.lora_A).mul_(self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``base.weight += (alpha / r) B A`` in place; then the forward is ``base(x)`` only."""
+        if self.merged:
+            raise RuntimeError("LoRALinear is already merged: call unmerge() before merging again")
+        w = self.base.weight
+        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scaling)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``base.weight -= (alpha / r) B A``: undo ``merge()`` (exact up to floating-point rounding)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear is not merged: there is nothing to unmerge")
+        w = self.base.weight
+        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=-self.scaling)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}")
+
+
+def _as_names(value, arg: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    try:
+        names = list(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be a string or a list of strings, got {type(value).__name__}") from None
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+            raise ValueError(f"{arg} entries must be module names like 'q_proj' or 'attn.q_proj', got {name!r}")
+    return names
+
+
+def _ends_with(qualified_name: str, suffix: str) -> bool:
+    """True when the last dot-separated components of ``qualified_name`` are those of ``suffix``."""
+    parts, want = qualified_name.split("."), suffix.split(".")
+    return len(parts) >= len(want) and parts[-len(want):] == want
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """``{qualified name: LoRALinear}`` for every LoRA layer in ``model``, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, alpha: float,
+             dropout: float = 0.0, train_modules: str | Iterable[str] = ()) -> list[str]:
+    """Replace every ``nn.Linear`` named like a target by a ``LoRALinear`` (in place); freeze the rest.
+
+    A module matches an entry when its qualified name *ends with* the entry's dot-separated components:
+    ``"q_proj"`` matches ``"blocks.0.attn.q_proj"`` but not ``"blocks.0.attn.xq_proj"``; ``"attn.q_proj"``
+    also works. ``train_modules`` (e.g. ``"head"``) match the same way; their parameters stay trainable
+    (fully fine-tuned). Every other parameter gets ``requires_grad=False``.
+
+    Returns the wrapped names in module order. Everything is checked before the model is touched, so an
+    error leaves it unchanged. Errors: r/alpha/dropout out of range, empty ``target_modules``, an entry
+    of ``target_modules`` or ``train_modules`` that matches nothing, a matched module that is not an
+    ``nn.Linear``, a model that already has LoRA layers (add all targets in one call, or ``merge_lora``
+    first), a train module that overlaps a LoRA target.
+    """
+    _check_r_alpha_dropout(r, alpha, dropout)
+    targets = _as_names(target_modules, "target_modules")
+    if not targets:
+        raise ValueError("target_modules is empty: name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+    trains = _as_names(train_modules, "train_modules")
+    existing = list(lora_layers(model))
+    if existing:
+        raise ValueError(f"model already has LoRA layers ({', '.join(existing[:4])}): add all targets in one "
+                         "add_lora call, or call merge_lora(model) first")
+    modules = dict(model.named_modules())
+    linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    wrapped = []
+    for target in targets:
+        hits = [n for n in modules if n and _ends_with(n, target)]
+        if not hits:
+            short = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+            raise ValueError(f"target_modules entry {target!r} matches no module; Linear layers here are named "
+                             f"{short[:12]} (e.g. {linear_names[:3]})")
+        for name in hits:
+            if not isinstance(modules[name], nn.Linear):
+                inside = [n for n in linear_names if n.startswith(name + ".")]
+                raise TypeError(f"target_modules entry {target!r} matches {name!r}, a {type(modules[name]).__name__}:"
+                                f" LoRALinear wraps nn.Linear only (Linear layers inside it: {inside[:4]})")
+        wrapped += [n for n in hits if n not in wrapped]
+    order = {n: i for i, n in enumerate(modules)}
+    wrapped.sort(key=order.__getitem__)
+    train_names = []
+    for entry in trains:
+        hits = [n for n in modules if n and _ends_with(n, entry)]
+        if not hits:
+            raise ValueError(f"train_modules entry {entry!r} matches no module; top-level modules are "
+                             f"{[n for n, _ in model.named_children()]}")
+        for name in hits:
+            for w in wrapped:
+                if w == name or w.startswith(name + ".") or name.startswith(w + "."):
+                    raise ValueError(f"train_modules entry {entry!r} ({name!r}) overlaps LoRA target {w!r}: "
+                                     "a module is either adapted with LoRA or fully trained, not both")
+        train_names += hits
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(modules[name], r, alpha, dropout))
+    for name in train_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return wrapped
+
+
+def _adapter_param_names(model: nn.Module) -> list[str]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers: call add_lora(model, ...) first")
+    lora_names = {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B")}
+    return [n for n, p in model.named_parameters() if p.requires_grad or n in lora_names]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every ``lora_A``/``lora_B`` and every other trainable parameter (e.g. the trained head).
+
+    Together with the pretrained checkpoint this is all that training changed, so it is enough to restore
+    the adapted model (``load_lora_state_dict`` on a model prepared with the same ``add_lora`` call).
+    Keys are ``model.named_parameters()`` names. Buffers (e.g. BatchNorm running statistics) are not
+    included: the course models use LayerNorm, which has none.
+    """
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in _adapter_param_names(model)}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy a ``lora_state_dict`` into ``model`` (strict: same keys and shapes, LoRA layers unmerged)."""
+    expected = _adapter_param_names(model)
+    merged = [n for n, m in lora_layers(model).items() if m.merged]
+    if merged:
+        raise RuntimeError(f"LoRA layers {merged[:4]} are merged: unmerge them before loading adapter weights")
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise ValueError(f"state does not fit this model: missing keys {missing[:6]}, unexpected keys "
+                         f"{unexpected[:6]}; prepare the model with the same add_lora(...) call that was saved")
+    params = dict(model.named_parameters())
+    for name in expected:
+        if tuple(state[name].shape) != tuple(params[name].shape):
+            raise ValueError(f"shape of {name!r} is {tuple(state[name].shape)} in state but "
+                             f"{tuple(params[name].shape)} in model: was it saved with another rank r?")
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(state[name])
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRALinear and put its plain ``base`` nn.Linear back in its place; returns the model.
+
+    The result has no LoRA parameters and gives the same outputs (up to rounding). Requires_grad flags
+    stay as they were (the merged weights frozen). Raises ``ValueError`` if there is no LoRA layer.
+    """
+    if isinstance(model, LoRALinear):
+        if not model.merged:
+            model.merge()
+        return model.base
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers to merge (already merged, or add_lora never called)")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    return model
+
+
+def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
+    """Trainable numbers of one LoRA adapter on an ``(in -> out)`` Linear: ``r * (in + out)``."""
+    for arg, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    return r * (in_features + out_features)
