@@ -247,7 +247,9 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer="a
                                              f"lr={lr_now:.3g}: lower the LR, add warmup or clip gradients")
                 was_clipped = clip_grad_norm is not None and math.isfinite(norm) and norm > clip_grad_norm
                 if was_clipped:
-                    torch.nn.utils.clip_grads_with_norm_(grads, clip_grad_norm, torch.tensor(norm))
+                    # it scales p.grad of the *parameters* it is given (a list of grad tensors would be a silent no-op)
+                    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], clip_grad_norm,
+                                                         torch.tensor(norm))
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()

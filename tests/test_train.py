@@ -164,3 +164,17 @@ def test_autocast_and_activation_checkpointing_run(precision):
     m = TinyTransformer(d_model=16, n_heads=2, n_layers=1)
     h = fit(m, tr, va, epochs=1, precision=precision, activation_checkpointing=True, device="cpu")
     assert math.isfinite(h[0]["val_loss"]) and m.activation_checkpointing
+
+
+def test_clipping_really_scales_the_update():
+    """One plain SGD step (lr 1): the parameter change is the clipped gradient, whose norm is the clip value."""
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    h = fit(model, TensorLoader(X, y, 32), TensorLoader(X, y, 32), epochs=1, optimizer=opt, clip_grad_norm=0.01,
+            device="cpu", restore_best=False)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert h.steps[0]["clipped"] and h.steps[0]["grad_norm"] > 0.01
+    assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
