@@ -16,7 +16,7 @@ ASSIGNMENTS = $(sort $(notdir $(patsubst %/,%,$(wildcard solutions/[0-9]*/))))
 PYTEST_ARGS ?=
 JOBS ?= 2
 
-.PHONY: help setup course course-full test test-fast lab release sync lint outputs bench clean
+.PHONY: help setup course course-full test lab release sync outputs bench grade clean
 
 help:
 	@echo "make course      run every notebook (fast mode) with papermill into runs/<timestamp>/"
@@ -25,6 +25,7 @@ help:
 	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
 	@echo "make sync        restamp the Colab badge and setup cell of every notebook"
 	@echo "make course-full the same as course, in full mode"
+	@echo "make outputs     re-execute solutions/ to refresh nbval's reference outputs"
 	@echo "make bench       speed and memory benchmarks -> bench/results.md"
 
 $(STAMP): pyproject.toml
@@ -44,9 +45,17 @@ course: setup
 course-full: setup
 	$(PY) tools/run_course.py --full
 
+# The environment notebook kernels see in tests: fast mode, CPU, no progress bars (as tools/refresh_outputs.py).
+NB_ENV = COURSE_FAST=1 COURSE_PROGRESS=0 COURSE_DEVICE=cpu PYTHONWARNINGS=ignore
+
 test: setup
-	$(PY) -m ruff check course_lib tests tools bench
-	$(PY) -m pytest -n $(JOBS) --durations=15 -q $(PYTEST_ARGS)
+	$(PY) -m ruff check course_lib tests tools bench grading_cli solutions conftest.py
+	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --dist loadgroup --durations=20 -q $(PYTEST_ARGS) \
+		tests solutions --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Refresh the reference outputs of the solution notebooks after an intended change (then review and commit).
+outputs: setup
+	$(PY) tools/refresh_outputs.py
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
