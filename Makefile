@@ -23,6 +23,7 @@ help:
 	@echo "make test        the whole test suite (unit, notebooks, grading, lint)"
 	@echo "make lab         JupyterLab on notebooks/ (the learner notebooks)"
 	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
+	@echo "make grade SUBMISSIONS=<dir or .zip>  autograde a class -> grading/grades.csv, report.md, feedback/"
 	@echo "make sync        restamp the Colab badge and setup cell of every notebook"
 	@echo "make course-full the same as course, in full mode"
 	@echo "make outputs     re-execute solutions/ to refresh nbval's reference outputs"
@@ -46,7 +47,7 @@ course-full: setup
 	$(PY) tools/run_course.py --full
 
 # The environment notebook kernels see in tests: fast mode, CPU, no progress bars (as tools/refresh_outputs.py).
-NB_ENV = COURSE_FAST=1 COURSE_PROGRESS=0 COURSE_DEVICE=cpu PYTHONWARNINGS=ignore
+NB_ENV = COURSE_FAST=1 COURSE_PROGRESS=0 COURSE_DEVICE=cpu PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 
 test: setup
 	$(PY) -m ruff check course_lib tests tools bench grading_cli solutions conftest.py
@@ -63,6 +64,12 @@ lab: setup
 release: setup
 	cd grading && for a in $(ASSIGNMENTS); do $(BIN)/nbgrader generate_assignment "$$a" --force --log-level=WARN || exit 1; done
 	@echo "Released $(words $(ASSIGNMENTS)) assignments into notebooks/"
+
+# Grade a class: collect -> repair -> run each submission in a sandbox (Dask, all cores) -> gradebook,
+# feedback, grading/grades.csv and grading/report.md. GRADE_ARGS e.g. "--scheduler tcp://host:8786".
+grade: setup
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=<folder or .zip> [GRADE_ARGS=...]"; exit 2; }
+	$(PY) -m grading_cli grade "$(SUBMISSIONS)" $(GRADE_ARGS)
 
 sync: setup
 	$(PY) tools/sync_notebooks.py

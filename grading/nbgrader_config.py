@@ -18,3 +18,11 @@ c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedE
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 # Generated files beside the notebooks (artifacts, checkpoints) are never released.
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", "artifacts", "*.pt", "*.png"]
+
+# For plain `nbgrader autograde` only: `make grade` (grading_cli) repairs, sandboxes and scores itself
+# (docs/grading.md). Learners' warnings, logging and progress bars go to stderr: never let them zero a test.
+c.IgnorePattern.enabled = True
+c.IgnorePattern.pattern = r"(?s).*"
+# Put back deleted or metadata-stripped graded cells instead of leaving them ungraded.
+c.OverwriteCells.add_missing_cells = True
+c.Execute.timeout = 300

@@ -5,8 +5,6 @@ import os
 import sys
 from pathlib import Path
 
-import nbformat
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +17,8 @@ def nb_ids(paths) -> list[str]:
 
 
 def kernel_env(**extra) -> dict:
-    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", COURSE_DEVICE="cpu", MPLBACKEND="Agg",
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
@@ -29,7 +28,7 @@ def execute(path: Path, *, cwd: Path, allow_errors: bool = False, timeout: int =
     """Execute a notebook with nbclient (parameters injected papermill-style) and return it."""
     import papermill as pm
 
-    nb = nbformat.read(path, as_version=4)
+    nb = pm.iorw.load_notebook_node(str(path))  # papermill's loader adds the metadata it needs
     if parameters:
         nb = pm.parameterize.parameterize_notebook(nb, parameters)
     from nbclient import NotebookClient

@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 # The same environment nbval's kernels get in `make test`.
 KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu", "MPLBACKEND": "Agg",
-              "PYTHONWARNINGS": "ignore"}
+              "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 def refresh(path: Path, timeout: int = 900) -> None:

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     latest.symlink_to(stamp)
     os.environ.setdefault("COURSE_PROGRESS", "0")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per kernel: the same numbers on any machine load
     mode = "full" if args.full else "fast"
     print(f"Running {len(notebooks)} notebook(s) in {mode} mode into {out_root}")
     rows = []
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     total = sum(r["seconds"] for r in rows)
     failed = [r["notebook"] for r in rows if r["status"] != "ok"]
-    print(f"Total {total:.1f}s; {len(rows) - len(failed)} ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    names = ": " + ", ".join(failed) if failed else ""
+    print(f"Total {total:.1f}s; {len(rows) - len(failed)} ok, {len(failed)} failed{names}")
     print(f"Results: {out_root} (also runs/latest); summary: {out_root / 'summary.csv'}")
     return 1 if failed else 0
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
 import nbformat
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,13 @@ def badge_source(name: str) -> str:
 
 def setup_source() -> str:
     s = course_settings()
-    return f'''# Setup: installs course_lib only when it is missing (Colab, a fresh environment). Torch is never reinstalled.
-import importlib, importlib.util, os, subprocess, sys, tempfile
+    return f'''# Setup: installs course_lib only if missing (Colab, a fresh environment); never reinstalls torch.
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
 
 COURSE_REPOSITORY = "{s["repository"]}"
 FORCE_INSTALL = False  # set True and re-run if the version check below asks you to update
