@@ -23,7 +23,7 @@ from .runtime import get_device
 
 __all__ = ["History", "fit", "evaluate", "make_optimizer", "optimizer_state_bytes"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "adafactor")
 
 
 class History(list):
@@ -89,7 +89,7 @@ def make_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: floa
     """Build an optimizer by name.
 
     ``"adamw"`` (decoupled decay), ``"adam"`` (decay as L2 in the gradient), ``"sgd"`` (with momentum) or
-    ``"adamw8bit"`` (course_lib's blockwise 8-bit AdamW).
+    ``"adamw8bit"`` (course_lib's blockwise 8-bit AdamW) or ``"adafactor"`` (factored second moment).
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -101,6 +101,8 @@ def make_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: floa
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw8bit":
         from .optim8bit import AdamW8bit
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
@@ -157,7 +159,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer="a
             grad_accum_steps)`` and warmup is ``warmup_steps`` or ``round(warmup_ratio * total_steps)``.
         clip_grad_norm: clip the global gradient norm to this value (the logged norm is the pre-clip norm).
         grad_accum_steps: micro-batches per optimizer step; each micro-batch loss is divided by the number
-            of micro-batches in its group, so the step equals one step on the concatenated batch.
+            of micro-batches in its group, so with equal micro-batch sizes the step equals one step on the
+            concatenated batch (a smaller last micro-batch weighs as much as a full one).
         checkpoint: the rule for the kept checkpoint (default ``BestCheckpoint("val_loss", "min")``); its
             ``patience`` enables early stopping. ``restore_best`` loads the kept weights into ``model`` at the end.
         precision: "fp32", "bf16" or "fp16" autocast (fp16 uses a GradScaler).
