@@ -1,0 +1,139 @@
+"""One grading task: a (student, assignment) submission in, plain results out. This is what Dask runs.
+
+It reads nothing from the course folders: the assignment (released notebooks, cell table with the
+gradebook's test sources) and the learner's files arrive as arguments, and everything comes back as the
+return value (scores, flags, the executed notebook, the feedback HTML). Workers therefore need no shared
+file system, and only the driver ever writes the gradebook.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+
+import nbformat
+
+from .execute import Limits, execute_notebook, probe_isolation
+from .repair import content_score, repair
+from .score import build_exec, feedback_notebook, merge, score_cells, suspicious, to_html
+
+RENAMED = re.compile(r"^(copy of |copia de |kopie von )|[-_ ]?copy\d*$|[ _-]?\(\d+\)$|[-_ ](final|v\d+|submission)$",
+                     re.I)
+
+
+def plain_stem(filename: str) -> str:
+    stem = filename.rsplit("/", 1)[-1].removesuffix(".ipynb").strip()
+    while True:
+        new = RENAMED.sub("", stem).strip()
+        if new == stem:
+            return stem.lower()
+        stem = new
+
+
+def select(files: dict[str, bytes], nb_name: str, cells: list[dict]) -> tuple[str | None, list[dict]]:
+    """Which learner file is the submission of released notebook ``nb_name`` (exact name, renamed, content)."""
+    nbs = sorted((f for f in files if f.endswith(".ipynb") and ".ipynb_checkpoints" not in f),
+                 key=lambda f: (f.count("/"), f))
+    notes = []
+    exact = [f for f in nbs if f.rsplit("/", 1)[-1] == f"{nb_name}.ipynb"]
+    pick = exact[0] if exact else None
+    if pick is None:
+        named = [f for f in nbs if plain_stem(f) == nb_name.lower()]
+        scored = []
+        for f in nbs:
+            try:
+                scored.append((content_score(cells, nbformat.reads(files[f].decode("utf-8"), as_version=4)), f))
+            except Exception:  # noqa: BLE001 - an unreadable candidate is simply not chosen
+                continue
+        scored.sort(reverse=True)
+        if named:
+            pick = named[0]
+        elif scored and scored[0][0] >= 0.3:
+            pick = scored[0][1]
+        if pick:
+            notes.append({"code": "renamed", "notebook": nb_name, "detail": f"graded {pick} as {nb_name}.ipynb"})
+    others = [f for f in nbs if f != pick and plain_stem(f) == nb_name.lower()]
+    if pick and others:
+        notes.append({"code": "extra_notebooks", "notebook": nb_name, "detail": f"ignored {', '.join(others)}"})
+    return pick, notes
+
+
+def _header(student, assignment, nb_name, scores, flags) -> str:
+    auto = sum(s["score"] for s in scores if s["score"] is not None)
+    auto_max = sum(s["points"] for s in scores if s["kind"] == "test")
+    manual = sum(s["points"] for s in scores if s["score"] is None)
+    lines = [f"# Feedback: {assignment} / {nb_name}", f"Student: `{student}`",
+             f"Autograded score: **{auto:g} / {auto_max:g}**" + (f"; {manual:g} more points graded by hand" if manual
+                                                                 else "")]
+    if flags:
+        lines.append("Notes from the grader: " + "; ".join(f"{f['code']} ({f['detail']})" for f in flags))
+    return "\n\n".join(lines)
+
+
+def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: str) -> dict:
+    rels = nbspec["cells"]
+    by_id = {r["grade_id"]: r for r in rels if r["grade_id"]}
+    out = {"name": nbspec["name"], "file": None, "repairs": [], "flags": [], "events": [], "seconds": 0.0}
+    blank = [{"grade_id": r["grade_id"], "kind": r["kind"], "points": float(r["points"]),
+              "score": 0.0 if r["kind"] == "test" else None, "reason": "no notebook"}
+             for r in rels if r["grade_id"] and r.get("points") is not None]
+    pick, notes = select(sub["files"], nbspec["name"], rels)
+    out["repairs"] += notes
+    out["file"] = pick
+    if pick is None:
+        out["flags"].append({"code": "no_notebook", "notebook": nbspec["name"], "detail": "no such notebook"})
+        return dict(out, cells=blank, status="unreadable")
+    try:
+        learner = nbformat.reads(sub["files"][pick].decode("utf-8"), as_version=4)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal
+        detail = f"{pick} is not a readable notebook ({type(err).__name__}: {str(err)[:120]})"
+        out["flags"].append({"code": "unreadable", "notebook": nbspec["name"], "detail": detail})
+        return dict(out, cells=blank, status="unreadable")
+    cells, repairs, flags = repair(rels, learner, nbspec["name"])
+    out["repairs"] += repairs
+    out["flags"] += flags
+    exec_nb, where = build_exec(cells, by_id, options.get("params", {}))
+    files = {k: v for k, v in sub["files"].items() if ".ipynb_checkpoints" not in k and k != pick}
+    files.update(spec["files"])
+    released = nbformat.reads(nbspec["released"], as_version=4)
+    graded_nb = nbformat.v4.new_notebook(metadata=released.metadata, cells=cells)
+    files[f"{nbspec['name']}.ipynb"] = nbformat.writes(graded_nb).encode()
+    run = execute_notebook(exec_nb, files, level=level, limits=Limits(**options.get("limits", {})),
+                           scratch=options.get("scratch"), hide=options.get("hide", ()))
+    info = merge(cells, exec_nb, where, run["statuses"])
+    scores = score_cells(cells, info, by_id)
+    for kind, index in dict.fromkeys(run["events"]):
+        out["flags"].append({"code": kind, "notebook": nbspec["name"],
+                             "detail": f"at cell {where[index][0] + 1}" if index >= 0 else ""})
+    hits = suspicious(cells, by_id, {r["source"] for r in rels})
+    if hits:
+        out["flags"].append({"code": "suspicious_code", "notebook": nbspec["name"],
+                             "detail": "uses " + ", ".join(sorted(set(hits)))})
+    graded_nb.cells = cells
+    header = _header(sub["student"], sub["assignment"], nbspec["name"], scores, out["flags"])
+    feedback = feedback_notebook(cells, info, by_id, scores, header) if options.get("feedback", True) else None
+    return dict(out, cells=scores, status="graded", seconds=run["seconds"], events=run["events"],
+                kernel_log=run["kernel_log"],
+                autograded=nbformat.writes(graded_nb), feedback_html=to_html(feedback) if feedback else None)
+
+
+def grade_one(spec: dict, sub: dict, options: dict) -> dict:
+    """Grade one submission; never raises (a failure becomes status ``error`` with the reason)."""
+    t0 = time.monotonic()
+    result = {"student": sub["student"], "assignment": sub["assignment"], "origin": sub.get("origin", ""),
+              "notebooks": [], "status": "graded", "isolation": None}
+    try:
+        level = probe_isolation(options.get("isolation", "auto"))
+        result["isolation"] = level
+        for nbspec in spec["notebooks"]:
+            result["notebooks"].append(grade_notebook(nbspec, sub, spec, options, level))
+        statuses = {nb["status"] for nb in result["notebooks"]}
+        result["status"] = "graded" if "graded" in statuses else "unreadable"
+        if level != "full":
+            result["notebooks"][0]["flags"].append({"code": "isolation_degraded", "notebook": "",
+                                                    "detail": f"sandbox level {level!r}"})
+    except Exception:  # noqa: BLE001 - a grader bug must not stop the batch
+        result.update(status="error", error=traceback.format_exc()[-2000:])
+    result["seconds"] = round(time.monotonic() - t0, 2)
+    return json.loads(json.dumps(result, default=str))

@@ -1,0 +1,226 @@
+"""Build a test cohort of learner submissions from released notebooks, with the score each should get.
+
+    python tests/cohort/make_cohort.py OUT [--course-root grading] [--assignment A ...] [--cases c1 c2 ...]
+
+Writes ``OUT/<student>/<assignment>/<notebook>.ipynb`` (a student per case), ``OUT/roster.csv`` (every case
+plus a student who submitted nothing) and ``OUT/expected.csv`` (student, assignment, autograded score,
+flags and repairs that must appear). Submissions are derived from the released notebook and the
+instructor's solutions, so the cohort follows the notebooks when they change. The expected score is
+computed from the points of the test cells that each change must cost: the tests between an answer cell
+and the next answer cell depend on that answer.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from grading_cli.course import Course, assignment_spec  # noqa: E402
+
+LABELS = ("optimization", "regularization", "adaptation")
+CASES = ["correct", "blank", "wrong_decision", "partial", "syntax_error", "infinite_loop", "edited_tests",
+         "deleted_tests", "edited_locked", "duplicated", "metadata_stripped", "reordered", "renamed", "huge_output",
+         "crash", "stderr_noise", "gaming", "corrupt"]
+NOISE = ("import sys, warnings, logging; from tqdm.auto import tqdm; sys.stderr.write('working...\\n'); "
+         "warnings.warn('a learner warning'); logging.getLogger('learner').warning('a log line'); "
+         "[_ for _ in tqdm(range(3))]")
+GAMING = ("\n\nclass _AlwaysEqual(str):\n    def __eq__(self, other):\n        return True\n"
+          "    __hash__ = str.__hash__\n\n{name} = _AlwaysEqual({label!r})")
+
+
+class Plan:
+    """The released notebook of one assignment, its answers and which test points depend on which answer."""
+
+    def __init__(self, spec: dict, partial: dict | None = None):
+        nb = spec["notebooks"][0]
+        self.spec, self.name, self.rels = spec, nb["name"], nb["cells"]
+        self.released = nbformat.reads(nb["released"], as_version=4)
+        self.partial = partial or {}
+        self.answers = [i for i, r in enumerate(self.rels) if r["kind"] == "solution"]
+        self.auto_max = sum(r["points"] for r in self.rels if r["kind"] == "test")
+
+    def solution(self, i: int) -> str:
+        return self.rels[i]["hint"] if self.rels[i]["hint"] is not None else self.rels[i]["source"]
+
+    def tests_of(self, i: int) -> list[int]:
+        nxt = [a for a in self.answers if a > i]
+        end = nxt[0] if nxt else len(self.rels)
+        return [k for k in range(i + 1, end) if self.rels[k]["kind"] == "test"]
+
+    def pts(self, i: int, name: str | None = None) -> float:
+        """Points of the tests after answer ``i`` (only those that use ``name``, if given)."""
+        return sum(self.rels[k]["points"] for k in self.tests_of(i)
+                   if name is None or re.search(rf"\b{name}\b", self.rels[k]["full"]))
+
+    def decision(self) -> tuple[int, str, str] | None:
+        for i in self.answers:
+            m = re.search(rf"^(\w+)\s*=\s*[\"']({'|'.join(LABELS)})[\"']", self.solution(i), re.M)
+            if m:
+                return i, m.group(1), m.group(2)
+        return None
+
+    def code_exercise(self) -> int:
+        return next((i for i in self.answers if "def " in self.solution(i)), self.answers[0])
+
+    def correct(self):
+        nb = copy.deepcopy(self.released)
+        for i in self.answers:
+            nb.cells[i].source = self.solution(i)
+        for i, r in enumerate(self.rels):
+            if r["kind"] == "manual":
+                nb.cells[i].source = "My note: the smallest change that survives the validation rule."
+        return nb
+
+
+def _strip(nb) -> None:
+    """As Colab saves a notebook: no custom cell metadata, no cell ids."""
+    for cell in nb.cells:
+        cell.metadata = nbformat.NotebookNode()
+        cell.pop("id", None)
+    nb.nbformat_minor = 4
+
+
+def build_case(plan: Plan, case: str, second: bool):
+    """(notebook or raw bytes, file name, expected autograded score, flags, repairs) for one case."""
+    nb, fname, flags, repairs = plan.correct(), f"{plan.name}.ipynb", [], []
+    score = plan.auto_max
+    first, last = plan.answers[0], plan.answers[-1]
+    if case == "blank":
+        nb, score = copy.deepcopy(plan.released), 0
+    elif case in ("wrong_decision", "gaming", "colab"):
+        d = plan.decision()
+        if d is None:
+            return None
+        i, name, label = d
+        other = next(x for x in LABELS if x != label)
+        if case == "gaming":  # an answer that equals everything, then a look at the input history
+            nb.cells[i].source = plan.solution(i) + GAMING.format(name=name, label=other)
+            nb.cells.append(nbformat.v4.new_code_cell("print(In[-5:])\nprint(_ih[-3:])"))
+            flags = ["suspicious_code"]
+        else:
+            nb.cells[i].source = re.sub(rf"^({name}\s*=\s*[\"']){label}", rf"\g<1>{other}", plan.solution(i),
+                                        count=1, flags=re.M)
+        if case == "colab":  # saved from Colab: no cell metadata or ids, and a renamed file
+            _strip(nb)
+            fname, repairs = f"Copy of {plan.name}.ipynb", ["metadata_restored", "renamed"]
+        score -= plan.pts(i, name)
+    elif case == "partial":
+        e = plan.code_exercise()
+        nb.cells[e].source = plan.partial.get(plan.rels[e]["grade_id"], plan.rels[e]["source"])
+        score -= plan.pts(e)
+    elif case == "syntax_error":
+        nb.cells[first].source += "\ndef broken(:\n    pass"
+        score -= plan.pts(first)
+    elif case == "infinite_loop":
+        loop = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" if second else ""
+        nb.cells[last].source = loop + "while True:\n    pass\n" + nb.cells[last].source
+        score -= plan.pts(last)
+        flags = ["cell_timeout"] + (["kernel_killed"] if second else [])
+    elif case == "edited_tests":
+        nb.cells[first].source = plan.rels[first]["source"]
+        for k in plan.tests_of(first):
+            nb.cells[k].source = "pass  # my tests"
+        score -= plan.pts(first)
+        flags = ["edited_tests"]
+    elif case == "deleted_tests":
+        if second:
+            nb.cells[first].source = plan.rels[first]["source"]
+            score -= plan.pts(first)
+        for k in sorted(plan.tests_of(first), reverse=True):
+            del nb.cells[k]
+        flags = ["deleted_cells"]
+    elif case == "duplicated":
+        stub = copy.deepcopy(nb.cells[first])
+        stub.source, stub["id"] = plan.rels[first]["source"], "copied-answer"
+        test_copy = copy.deepcopy(nb.cells[plan.tests_of(first)[0]])
+        test_copy["id"] = "copied-test"
+        nb.cells.insert(first + 1, stub)
+        nb.cells.append(test_copy)
+        repairs = ["duplicate_cells"]
+    elif case == "metadata_stripped":
+        _strip(nb)
+        repairs = ["metadata_restored"]
+    elif case == "edited_locked":
+        locked = [i for i, r in enumerate(plan.rels) if r["kind"] == "locked"]
+        if not locked:
+            return None
+        nb.cells[locked[0]].source += "\n_my_change = True"
+        flags = ["edited_locked"]
+    elif case == "reordered":
+        cell = nb.cells.pop(last)
+        nb.cells.insert(plan.tests_of(last)[0], cell)
+        repairs = ["reordered"]
+    elif case == "renamed":
+        fname = f"Copy of {plan.name}.ipynb" if second else f"{plan.name}-Copy1.ipynb"
+        repairs = ["renamed"]
+    elif case == "huge_output":
+        nb.cells.insert(first, nbformat.v4.new_code_cell("for i in range(200_000):\n    print('line', i)"))
+        flags = ["output_truncated"]
+    elif case == "crash":
+        nb.cells.insert(plan.answers[1], nbformat.v4.new_code_cell("import os\nos._exit(1)"))
+        score = plan.pts(first)
+        flags = ["kernel_died"]
+    elif case == "stderr_noise":
+        for i in plan.answers:
+            nb.cells[i].source = re.sub(r"^(\s*)(def .*:\s*)$", lambda m: f"{m.group(1)}{m.group(2)}\n"
+                                        f"{m.group(1)}    {NOISE}", nb.cells[i].source, flags=re.M)
+        nb.cells.insert(first, nbformat.v4.new_code_cell(NOISE))
+    elif case == "corrupt":
+        return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], []
+    return nb, fname, score, flags, repairs
+
+
+def make_cohort(out, course_root=REPO / "grading", assignments=None, cases=None, partial=None) -> list[dict]:
+    """Write the cohort under ``out``; return the expected rows."""
+    out = Path(out)
+    course = Course.load(course_root)
+    names = list(assignments or course.released_assignments())
+    expected = []
+    for k, name in enumerate(names):
+        plan = Plan(assignment_spec(course, name), (partial or {}).get(name))
+        for case in cases or CASES:
+            built = build_case(plan, case, second=bool(k % 2))
+            if built is None:
+                continue
+            nb, fname, score, flags, repairs = built
+            path = out / case / name / fname
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(nb if isinstance(nb, bytes) else nbformat.writes(nb).encode())
+            expected.append({"student": case, "assignment": name, "score": f"{score:g}",
+                             "flags": ";".join(flags), "repairs": ";".join(repairs)})
+    for name in names:
+        expected.append({"student": "missing_student", "assignment": name, "score": "0", "flags": "missing",
+                         "repairs": ""})
+    students = sorted({e["student"] for e in expected})
+    (out / "roster.csv").write_text("student_id\n" + "\n".join(students) + "\n")
+    with open(out / "expected.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(expected[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(expected)
+    return expected
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--course-root", default=str(REPO / "grading"))
+    p.add_argument("--assignment", action="append")
+    p.add_argument("--cases", nargs="*")
+    p.add_argument("--partial", help="JSON {assignment: {grade_id: partially right answer}}")
+    args = p.parse_args(argv)
+    rows = make_cohort(args.out, args.course_root, args.assignment, args.cases,
+                       json.loads(args.partial) if args.partial else None)
+    print(f"{len(rows)} expected rows written to {Path(args.out) / 'expected.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
