@@ -10,7 +10,6 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.course-installed
 # nbgrader runs alembic from PATH when it creates a gradebook.
 export PATH := $(BIN):$(PATH)
-export MPLBACKEND ?= Agg
 export PYTHONDONTWRITEBYTECODE = 1
 ASSIGNMENTS = $(sort $(notdir $(patsubst %/,%,$(wildcard solutions/[0-9]*/))))
 PYTEST_ARGS ?=
@@ -51,8 +50,10 @@ NB_ENV = COURSE_FAST=1 COURSE_PROGRESS=0 COURSE_DEVICE=cpu PYTHONWARNINGS=ignore
 
 test: setup
 	$(PY) -m ruff check course_lib tests tools bench grading_cli solutions conftest.py
-	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --dist loadgroup --durations=20 -q $(PYTEST_ARGS) \
-		tests solutions --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --durations=20 -q $(PYTEST_ARGS) tests
+	@echo "nbval: re-run the solution notebooks and compare every output with the stored reference"
+	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --dist loadfile -q $(PYTEST_ARGS) solutions \
+		--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # Refresh the reference outputs of the solution notebooks after an intended change (then review and commit).
 outputs: setup

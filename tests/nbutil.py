@@ -17,7 +17,7 @@ def nb_ids(paths) -> list[str]:
 
 
 def kernel_env(**extra) -> dict:
-    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", COURSE_DEVICE="cpu", MPLBACKEND="Agg",
+    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", COURSE_DEVICE="cpu",
                PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.update(extra)
     return env

@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same environment nbval's kernels get in `make test`.
-KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu", "MPLBACKEND": "Agg",
+KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu",
               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 

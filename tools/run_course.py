@@ -79,7 +79,6 @@ def main(argv=None) -> int:
         latest.unlink()
     latest.symlink_to(stamp)
     os.environ.setdefault("COURSE_PROGRESS", "0")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per kernel: the same numbers on any machine load
     mode = "full" if args.full else "fast"
     print(f"Running {len(notebooks)} notebook(s) in {mode} mode into {out_root}")
