@@ -44,6 +44,7 @@ def setup_source() -> str:
     s = course_settings()
     return f'''# Setup: installs course_lib only if missing (Colab, a fresh environment); never reinstalls torch.
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -57,9 +58,8 @@ if FORCE_INSTALL or importlib.util.find_spec("course_lib") is None:
     source = os.environ.get("COURSE_LIB_SOURCE") or f"git+{{COURSE_REPOSITORY}}@{s["branch"]}"
     command = [sys.executable, "-m", "pip", "install", "-q", source]
     if importlib.util.find_spec("torch") is not None:  # keep the torch this runtime already has
-        import torch
         pin = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-        pin.write(f"torch=={{torch.__version__}}\\n")
+        pin.write(f"torch=={{importlib.metadata.version('torch')}}\\n")  # no import: numpy may come after
         pin.close()
         command += ["--constraint", pin.name]
     if FORCE_INSTALL:
