@@ -153,7 +153,7 @@ def run(device: str = "cpu", sizes=(1, 4, 16), rounds: int = 9, compile: bool = 
     elif "first_step_s" in compile_info:
         rows.append(_row("compile warm-up (first compiled step), s", round(compile_info["first_step_s"], 1),
                          "reported", True, f"at {compile_info['first_size']}M params, excluded from step times; "
-                         "later sizes reuse the dynamic-shape graph"))
+                         "later sizes reuse the dynamic-shape graph; shorter when inductor's on-disk cache is warm"))
     else:
         rows.append(_row("compiled AdamW8bit", None, "skipped", True, compile_info.get("error", "not run")))
     if bnb is None:
