@@ -110,11 +110,14 @@ def make_optimizer(params, name: str = "adamw", *, lr: float, weight_decay: floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn=F.cross_entropy, device=None) -> dict:
-    """Mean loss and accuracy over ``loader`` in eval mode (the training flag is restored afterwards)."""
+def evaluate(model: nn.Module, loader, loss_fn=F.cross_entropy, device=None, *, train_mode: bool = False) -> dict:
+    """Mean loss and accuracy over ``loader`` in eval mode (the training flag is restored afterwards).
+
+    ``train_mode=True`` reproduces the classic bug on purpose: dropout stays on, so every call draws new masks.
+    """
     device = next(model.parameters()).device if device is None else torch.device(device)
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     total_loss, correct, n = 0.0, 0, 0
     try:
         for x, y in loader:

@@ -104,26 +104,12 @@ def is_memorizing(evidence: dict, *, min_gap: float = 1.05, max_train_loss: floa
             and evidence["best_frac"] <= max_best_frac)
 
 
-@torch.no_grad()
 def evaluate_train_mode(model: nn.Module, loader, device=None) -> dict:
-    """The train/eval mode bug on purpose: like ``course_lib.train.evaluate`` but with dropout left ON.
+    """The train/eval mode bug on purpose: ``course_lib.train.evaluate`` with dropout left ON.
 
     Each call draws new dropout masks, so the numbers change from call to call. The mode is restored.
     """
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    was_training = model.training
-    model.train()
-    total, correct, n = 0.0, 0, 0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x).float()
-            total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            n += len(y)
-    finally:
-        model.train(was_training)
-    return {"loss": total / n, "acc": correct / n}
+    return evaluate(model, loader, device=device, train_mode=True)
 
 
 def eval_mode_gap(model: nn.Module, loader, repeats: int = 5) -> dict:
