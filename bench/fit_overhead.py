@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import print_rows  # noqa: E402
+
 from course_lib import seed_everything  # noqa: E402
 from course_lib.data import digits_split, make_loaders  # noqa: E402
 from course_lib.models import MLP  # noqa: E402
@@ -72,10 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    rows = run(args.epochs, args.repeats)
-    for r in rows:
-        print(f"{r['figure']}: {r['value']} (target {r['target']}) {'OK' if r['ok'] else 'MISSED'}  [{r['detail']}]")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return print_rows(run(args.epochs, args.repeats))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from timing import interleaved, setup_cpu  # noqa: E402
+from timing import interleaved, print_rows, setup_cpu  # noqa: E402
 
 from course_lib.lora import add_lora, lora_layers, merge_lora  # noqa: E402
 from course_lib.models import TinyTransformer  # noqa: E402
@@ -282,10 +282,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     rows = run(args.device, args.size, args.rounds, args.only, args.threads)
-    for r in rows:
-        print(f"{r['figure']}: {r['value']} (target {r['target']}) {'OK' if r['ok'] else 'MISSED'}  [{r['detail']}]")
+    status = print_rows(rows)
     print(f"{time.perf_counter() - start:.1f} s, torch {torch.__version__}, device {args.device}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return status
 
 
 if __name__ == "__main__":

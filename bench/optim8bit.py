@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from timing import interleaved, setup_cpu  # noqa: E402
+from timing import interleaved, print_rows, setup_cpu  # noqa: E402
 
 from course_lib.optim8bit import AdamW8bit  # noqa: E402
 from course_lib.train import optimizer_state_bytes  # noqa: E402
@@ -171,10 +171,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     rows = run(args.device, tuple(args.sizes), args.rounds, not args.no_compile, args.threads)
-    for r in rows:
-        print(f"{r['figure']}: {r['value']} (target {r['target']}) {'OK' if r['ok'] else 'MISSED'}  [{r['detail']}]")
+    status = print_rows(rows)
     print(f"{time.perf_counter() - start:.1f} s, torch {torch.__version__}, device {args.device}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return status
 
 
 if __name__ == "__main__":

@@ -91,3 +91,10 @@ def interleaved(fns: dict, rounds: int, iters: int = 1, sync=None, clock: str = 
             sync()
             samples[name].append((now() - t0) / iters)
     return Timings(samples)
+
+
+def print_rows(rows: list[dict]) -> int:
+    """Print each figure with its target; return the exit status (1 if any target is missed)."""
+    for r in rows:
+        print(f"{r['figure']}: {r['value']} (target {r['target']}) {'OK' if r['ok'] else 'MISSED'}  [{r['detail']}]")
+    return 0 if all(r["ok"] for r in rows) else 1
