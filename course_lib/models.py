@@ -104,8 +104,9 @@ class TinyTransformer(_Checkpointable):
     Images: input ``(B, image_size**2)`` or ``(B, 1, image_size, image_size)`` is cut into
     ``(image_size / patch_size)**2`` patches of ``patch_size**2`` pixels, each projected to ``d_model``.
     Tokens (``vocab_size`` given): input long ``(B, T)`` with ``T <= max_len``, embedded to ``d_model``.
-    A learned position embedding is added, a ``[CLS]`` token prepended, ``n_layers`` pre-norm blocks run,
-    and ``head(norm(h[:, 0]))`` gives logits ``(B, n_classes)``.
+    A learned position embedding (initial std ``pos_std``, default ``1/sqrt(d_model)``) is added, a ``[CLS]``
+    token prepended, ``n_layers`` pre-norm blocks run, and ``head(norm(h[:, 0]))`` gives logits
+    ``(B, n_classes)``.
 
     Each block has ``attn.q_proj attn.k_proj attn.v_proj attn.o_proj`` (``d_model -> d_model``), ``up_proj``
     (``d_model -> d_ff``) and ``down_proj`` (``d_ff -> d_model``), so LoRA ``target_modules`` mean what they
@@ -114,7 +115,7 @@ class TinyTransformer(_Checkpointable):
 
     def __init__(self, *, d_model: int = 64, n_heads: int = 4, n_layers: int = 2, d_ff: int | None = None,
                  n_classes: int = 10, dropout: float = 0.0, image_size: int = 8, patch_size: int = 2,
-                 vocab_size: int | None = None, max_len: int = 64):
+                 vocab_size: int | None = None, max_len: int = 64, pos_std: float | None = None):
         super().__init__()
         d_ff = 4 * d_model if d_ff is None else d_ff
         for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_layers", n_layers), ("d_ff", d_ff),
@@ -125,6 +126,8 @@ class TinyTransformer(_Checkpointable):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if pos_std is not None and not pos_std > 0:
+            raise ValueError(f"pos_std must be None (1/sqrt(d_model)) or > 0, got {pos_std!r}")
         self.vocab_size, self.d_model = vocab_size, d_model
         if vocab_size is None:
             if image_size % patch_size:
@@ -138,7 +141,8 @@ class TinyTransformer(_Checkpointable):
             n_pos = max_len
             self.embed = nn.Embedding(vocab_size, d_model)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.pos = nn.Parameter(torch.randn(1, n_pos, d_model) / math.sqrt(d_model))
+        pos = torch.randn(1, n_pos, d_model)
+        self.pos = nn.Parameter(pos / math.sqrt(d_model) if pos_std is None else pos * float(pos_std))
         self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)

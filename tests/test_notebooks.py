@@ -39,11 +39,33 @@ def test_make_course_runs_every_solution_notebook(tmp_path):
     assert not failed, failed
     assert proc.returncode == 0
     assert all(r["decisions"] for r in rows), "every notebook records its decisions"
-    if not SOLUTIONS[-1].stem.startswith("09"):
-        return  # the PEFT lab is not in solutions/ yet (drafts/)
     lab = tmp_path / "latest" / SOLUTIONS[-1].stem
     produced = sorted(p.name for p in lab.iterdir() if p.suffix in (".csv", ".png", ".pt"))
     assert set(LAB_ARTIFACTS) <= set(produced), produced
+    check_lab_replays_the_scenario(lab)
+
+
+def check_lab_replays_the_scenario(lab):
+    """The lab's numbers are the scenario's: what test_scenario_transfer.py proves over seeds is what learners run."""
+    import pandas as pd
+    import torch
+
+    from course_lib.scenarios import transfer
+
+    summary = pd.read_csv(lab / "peft_summary.csv", index_col="strategy")
+    assert {"best_epoch", "final_epoch", "best_before_final", "split_hash", "rule"} <= set(summary.columns)
+    assert summary["split_hash"].nunique() == 1 and summary["rule"].nunique() == 1, "one split, one rule"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the notebook kernel (OMP_NUM_THREADS=1)
+    try:
+        ev = transfer.run(0, fast=True, strategies=("frozen_head", "partial_unfreeze", "adapter"), baselines=False)
+    finally:
+        torch.set_num_threads(threads)
+    for strategy in ("frozen_head", "partial_unfreeze", "adapter"):
+        row = summary.loc[strategy]
+        assert row["best_value"] == ev[strategy]["best_value"], (strategy, row["best_value"], ev[strategy])
+        assert row["best_epoch"] == ev[strategy]["best_epoch"], (strategy, row["best_epoch"], ev[strategy])
+        assert abs(row["test_acc"] - ev[strategy]["test_acc"]) < 1e-9, (strategy, row["test_acc"], ev[strategy])
 
 
 @pytest.mark.parametrize("path", RELEASED, ids=nb_ids(RELEASED))

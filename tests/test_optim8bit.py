@@ -14,15 +14,6 @@ def _bnb():
     return pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one thread is faster and steadier than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the code map ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_map_shape_order_and_range(signed):
