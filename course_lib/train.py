@@ -142,8 +142,8 @@ def _progress_enabled(progress) -> bool:
 def _grad_norm(grads: list[torch.Tensor]) -> float:
     """Global L2 norm of ``grads``: ``sqrt(sum_i ||g_i||^2)``, as ``clip_grad_norm_`` computes it.
 
-    One fused per-tensor norm when all gradients share a device and dtype (the usual case: about half the
-    cost of ``torch.nn.utils.get_total_norm``, which groups them first), that function otherwise.
+    One fused per-tensor norm when all gradients share a device and dtype (the usual case: about 30% cheaper
+    than ``torch.nn.utils.get_total_norm``, which groups them first), that function otherwise.
     """
     if not grads:
         return 0.0

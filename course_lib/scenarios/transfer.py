@@ -12,10 +12,12 @@ labels) in one of ``STRATEGIES``, from least to most trainable:
 ``scratch`` (the same model, randomly initialised, trained on the 200 target labels only) and a logistic
 regression on one-hot tokens are the honest baselines: no pretraining.
 
-Measured over seeds (``tests/test_scenario_transfer.py``): the frozen probe is converged and far from what
-the backbone can reach; the adapter and full fine-tuning are within a few points of 100% on every seed, and
-both baselines stay far below. Partial unfreezing sits in between and varies with the seed, so whether it
-is *enough* is read from the learner's own run, never from a constant.
+Measured on seeds 0-19, fast and full mode (kept validation accuracy): the frozen probe converges at
+0.39-0.87, and the best of partial / adapter / full beats it by 13 points or more on every seed; the
+adapter reaches 0.91-1.00 and full fine-tuning 0.93-1.00, while scratch stays at or below 0.78 and the
+logistic regression at or below 0.45. ``tests/test_scenario_transfer.py`` checks this on seeds 0-4 in both
+modes. Partial unfreezing (0.74-1.00) varies with the seed, so whether it is *enough* is read from the
+learner's own run, never from a constant.
 
 Every run of one seed shares the split and the checkpoint rule (best ``val_acc``); ``seed_everything(seed)``
 before pretraining and ``seed_everything(seed + 1)`` before each strategy's fresh head, as the notebooks do.
