@@ -288,7 +288,6 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer="a
                 history.steps.append({"step": step, "epoch": epoch, "lr": lr_now, "loss": loss_value,
                                       "grad_norm": norm, "clipped": was_clipped})
             correct = (torch.cat(preds) == torch.cat(targets)).sum().item()
-            preds, targets = [], []
             val = evaluate(model, val_loader, loss_fn, device)
             row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": val["loss"], "val_acc": val["acc"],

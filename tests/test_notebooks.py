@@ -16,6 +16,7 @@ RELEASED = notebooks("notebooks")
 LAB_ARTIFACTS = ["peft_summary.csv", "pretrain_history.csv", "frozen_head_history.csv",
                  "partial_unfreeze_history.csv", "adapter_history.csv", "peft_curves.png",
                  "source_pretrained_best_state.pt", "adapter_best_state.pt"]
+LAB_STRATEGIES = ("frozen_head", "partial_unfreeze", "adapter")
 
 pytestmark = pytest.mark.notebooks
 
@@ -27,7 +28,7 @@ def test_notebooks_numbered_in_sequence_and_released():
     assert [p.stem for p in RELEASED] == names, "run `make release`: notebooks/ must mirror solutions/"
 
 
-def test_make_course_runs_every_solution_notebook(tmp_path):
+def test_make_course_runs_every_solution_notebook(tmp_path, one_thread):
     """What `make course` runs: all solution notebooks, fast mode, summary with decisions, lab artifacts."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_course.py"), "--runs-dir", str(tmp_path)],
                           env=kernel_env(), capture_output=True, text=True, timeout=1500)
@@ -48,20 +49,14 @@ def test_make_course_runs_every_solution_notebook(tmp_path):
 def check_lab_replays_the_scenario(lab):
     """The lab's numbers are the scenario's: what test_scenario_transfer.py proves over seeds is what learners run."""
     import pandas as pd
-    import torch
 
     from course_lib.scenarios import transfer
 
     summary = pd.read_csv(lab / "peft_summary.csv", index_col="strategy")
     assert {"best_epoch", "final_epoch", "best_before_final", "split_hash", "rule"} <= set(summary.columns)
     assert summary["split_hash"].nunique() == 1 and summary["rule"].nunique() == 1, "one split, one rule"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the notebook kernel (OMP_NUM_THREADS=1)
-    try:
-        ev = transfer.run(0, fast=True, strategies=("frozen_head", "partial_unfreeze", "adapter"), baselines=False)
-    finally:
-        torch.set_num_threads(threads)
-    for strategy in ("frozen_head", "partial_unfreeze", "adapter"):
+    ev = transfer.run(0, fast=True, strategies=LAB_STRATEGIES, baselines=False)  # one thread, as the kernel
+    for strategy in LAB_STRATEGIES:
         row = summary.loc[strategy]
         assert row["best_value"] == ev[strategy]["best_value"], (strategy, row["best_value"], ev[strategy])
         assert row["best_epoch"] == ev[strategy]["best_epoch"], (strategy, row["best_epoch"], ev[strategy])

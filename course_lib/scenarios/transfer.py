@@ -25,6 +25,7 @@ before pretraining and ``seed_everything(seed + 1)`` before each strategy's fres
 from __future__ import annotations
 
 import copy
+import time
 
 from torch import nn
 from torch.optim import AdamW
@@ -116,17 +117,22 @@ def fit_kwargs(model: nn.Module, strategy: str, fast: bool) -> dict:
     return kwargs
 
 
+def _train(model: nn.Module, split: Split, batch_size: int, seed: int, name: str, **kwargs) -> History:
+    """``fit`` on ``split`` with fresh seeded loaders, under ``RULE``; ``kwargs``: epochs, optimizer and the rest."""
+    train, val, _ = make_loaders(split, batch_size, seed=seed)
+    return fit(model, train, val, checkpoint=BestCheckpoint(**RULE), name=name, split_hash=split.split_hash, **kwargs)
+
+
 def pretrain(seed: int = 0, fast: bool = True, source: Split | None = None, *, device="cpu",
              progress=None) -> tuple[TinyTransformer, History]:
     """Train a fresh model on ``source`` (default ``source_task(seed)``) and keep its best checkpoint."""
     source = source_task(seed) if source is None else source
     seed_everything(seed)
     model = make_model()
-    train, val, _ = make_loaders(source, TRANSFER["source_batch_size"], seed=seed)
-    history = fit(model, train, val, epochs=TRANSFER["source_epochs"][mode(fast)], optimizer="adamw",
-                  lr=TRANSFER["source_lr"], scheduler=TRANSFER["scheduler"], warmup_ratio=TRANSFER["warmup_ratio"],
-                  checkpoint=BestCheckpoint(**RULE), device=device, name="pretrain",
-                  split_hash=source.split_hash, progress=progress)
+    history = _train(model, source, TRANSFER["source_batch_size"], seed, "pretrain",
+                     epochs=TRANSFER["source_epochs"][mode(fast)], optimizer="adamw", lr=TRANSFER["source_lr"],
+                     scheduler=TRANSFER["scheduler"], warmup_ratio=TRANSFER["warmup_ratio"], device=device,
+                     progress=progress)
     return model, history
 
 
@@ -136,9 +142,8 @@ def adapt(pretrained: nn.Module, strategy: str, target: Split, seed: int = 0, fa
     model = copy.deepcopy(pretrained)
     seed_everything(seed + 1)  # the same fresh head (and LoRA A) for every strategy of this seed
     prepare(model, strategy)
-    train, val, _ = make_loaders(target, TRANSFER["batch_size"], seed=seed)
-    history = fit(model, train, val, checkpoint=BestCheckpoint(**RULE), device=device, name=strategy,
-                  split_hash=target.split_hash, progress=progress, **fit_kwargs(model, strategy, fast))
+    history = _train(model, target, TRANSFER["batch_size"], seed, strategy, device=device, progress=progress,
+                     **fit_kwargs(model, strategy, fast))
     return model, history
 
 
@@ -147,23 +152,27 @@ def train_scratch(target: Split, seed: int = 0, fast: bool = True, *, device="cp
     """The no-pretraining baseline: a fresh model trained on the target labels only, same epochs and rule."""
     seed_everything(seed + 1)
     model = make_model()
-    train, val, _ = make_loaders(target, TRANSFER["batch_size"], seed=seed)
-    history = fit(model, train, val, epochs=TRANSFER["epochs"][mode(fast)], optimizer="adamw",
-                  lr=TRANSFER["scratch_lr"], scheduler=TRANSFER["scheduler"], warmup_ratio=TRANSFER["warmup_ratio"],
-                  checkpoint=BestCheckpoint(**RULE), device=device, name="scratch", split_hash=target.split_hash,
-                  progress=progress)
+    history = _train(model, target, TRANSFER["batch_size"], seed, "scratch", epochs=TRANSFER["epochs"][mode(fast)],
+                     optimizer="adamw", lr=TRANSFER["scratch_lr"], scheduler=TRANSFER["scheduler"],
+                     warmup_ratio=TRANSFER["warmup_ratio"], device=device, progress=progress)
     return model, history
 
 
 def logistic_baseline(target: Split) -> dict:
-    """Logistic regression on ``one_hot_features`` of the target training set: ``{"val", "test", "params"}``."""
+    """Logistic regression on ``one_hot_features`` of the target training set.
+
+    Returns ``{"val", "test"}`` accuracies, ``"params"`` (its coefficients) and ``"seconds"`` (features and
+    fit, not the import of scikit-learn).
+    """
     from sklearn.linear_model import LogisticRegression
 
+    t0 = time.perf_counter()
     V = target.info.get("vocab_size", TRANSFER["model"]["vocab_size"])
     clf = LogisticRegression(max_iter=2000).fit(one_hot_features(target.X_train, V), target.y_train.numpy())
+    seconds = time.perf_counter() - t0
     return {"val": float(clf.score(one_hot_features(target.X_val, V), target.y_val.numpy())),
             "test": float(clf.score(one_hot_features(target.X_test, V), target.y_test.numpy())),
-            "params": int(clf.coef_.size + clf.intercept_.size)}
+            "params": int(clf.coef_.size + clf.intercept_.size), "seconds": seconds}
 
 
 def _evidence(model: nn.Module, history: History, test_loader) -> dict:
@@ -177,7 +186,7 @@ def run(seed: int = 0, fast: bool = True, strategies=STRATEGIES, baselines: bool
     """Replay the scenario for one seed: pretrain, adapt with each strategy, and the baselines.
 
     Returns ``{"source_val_acc": float, strategy: {"best_value", "best_epoch", "final_value", "train_acc",
-    "test_acc", "trainable_params"}, ...}``, plus ``"scratch"`` and ``"logreg"`` (``{"val", "test", "params"}``)
+    "test_acc", "trainable_params"}, ...}``, plus ``"scratch"`` and ``"logreg"`` (``logistic_baseline``'s dict)
     when ``baselines``. ``best_value`` is the kept validation accuracy under ``RULE``.
     """
     unknown = [s for s in strategies if s not in STRATEGIES]
