@@ -45,8 +45,9 @@ course: setup
 course-full: setup
 	$(PY) tools/run_course.py --full
 
-# The environment notebook kernels see in tests: fast mode, CPU, no progress bars (as tools/refresh_outputs.py).
-NB_ENV = COURSE_FAST=1 COURSE_PROGRESS=0 COURSE_DEVICE=cpu PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+# The regression kernel environment (fast mode, CPU, one thread, no progress bars, CPU kernels pinned to AVX2 so
+# that reference outputs hold on any x86-64 CPU with AVX2): one definition, course_lib.runtime.KERNEL_ENV.
+NB_ENV = $(shell $(PY) -c 'from course_lib.runtime import KERNEL_ENV as e; print(" ".join(f"{k}={v}" for k, v in e.items()))')
 
 test: setup
 	$(PY) -m ruff check course_lib tests tools bench grading_cli solutions conftest.py

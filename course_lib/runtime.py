@@ -7,7 +7,23 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "get_device", "is_fast", "check_version"]
+__all__ = ["seed_everything", "get_device", "is_fast", "check_version", "PINNED_NUMERICS", "KERNEL_ENV"]
+
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+"""CPU kernel choices pinned for the regression and grading kernels (never for learners).
+
+Float results depend on the code path each library picks for the CPU it runs on: torch's vectorised
+kernels (``ATEN_CPU_CAPABILITY``: ``default``, ``avx2``, ``avx512``), oneDNN's (``ONEDNN_MAX_CPU_ISA``; it
+serves e.g. ``gelu``) and MKL's matmuls (``MKL_CBWR``, MKL's conditional numerical reproducibility). With
+all three held at AVX2, every x86-64 CPU that has AVX2, with or without AVX-512, runs the same kernels and so
+gives the same bits: the reference outputs made on one machine hold on another. Learners run native kernels.
+"""
+
+KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu", "PYTHONWARNINGS": "ignore",
+              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **PINNED_NUMERICS}
+"""The one environment of every regression kernel: ``make course``, ``make outputs``, nbval, the notebook
+tests and the grader. Fast mode, CPU, one intra-op thread (the numbers depend on the thread count too), no
+progress bars, and :data:`PINNED_NUMERICS`."""
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -93,3 +109,4 @@ def check_version(required: str, installed: str | None = None) -> str:
             "then restart the kernel."
         )
     return installed
+

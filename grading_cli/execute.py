@@ -28,6 +28,8 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
+from course_lib.runtime import KERNEL_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX = Path(__file__).resolve().with_name("sandbox.py")
 LEVELS = ("full", "net", "none")
@@ -53,12 +55,12 @@ class Limits:
 
 
 def kernel_env(home: Path, tmp: Path, extra: dict | None = None) -> dict:
-    """The kernel's whole environment: fast mode, CPU, one thread, no progress bars, nothing from the grader."""
+    """The kernel's whole environment: the course's regression kernel environment (fast mode, CPU, one thread,
+    no progress bars, pinned CPU kernels: ``course_lib.runtime.KERNEL_ENV``), nothing from the grader."""
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
            "TMPDIR": str(tmp), "MPLCONFIGDIR": str(home / ".matplotlib"), "IPYTHONDIR": str(home / ".ipython"),
-           "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COURSE_FAST": "1",
-           "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu", "MPLBACKEND": "Agg"}
+           "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "MPLBACKEND": "Agg", **KERNEL_ENV}
     env.update(extra or {})
     return env
 

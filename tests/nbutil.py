@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from course_lib.runtime import KERNEL_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,8 +19,8 @@ def nb_ids(paths) -> list[str]:
 
 
 def kernel_env(**extra) -> dict:
-    env = dict(os.environ, COURSE_FAST="1", COURSE_PROGRESS="0", COURSE_DEVICE="cpu",
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    """This process's environment with the regression kernel's settings (``course_lib.runtime.KERNEL_ENV``)."""
+    env = dict(os.environ, **KERNEL_ENV)
     env.update(extra)
     return env
 

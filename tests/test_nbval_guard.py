@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from nbutil import ROOT, notebooks
+from nbutil import ROOT, kernel_env, notebooks
 
 pytestmark = pytest.mark.notebooks
 
@@ -27,8 +27,7 @@ def test_changed_default_makes_nbval_fail(tmp_path):
     text = data.read_text()
     assert "fractions=(0.6, 0.2, 0.2)" in text
     data.write_text(text.replace("fractions=(0.6, 0.2, 0.2)", "fractions=(0.7, 0.15, 0.15)", 1))
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               COURSE_FAST="1", COURSE_PROGRESS="0", COURSE_DEVICE="cpu", PYTHONWARNINGS="ignore")
+    env = kernel_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     work = tmp_path / "nb"
     shutil.copytree(target.parent, work, ignore=shutil.ignore_patterns("artifacts"))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval",

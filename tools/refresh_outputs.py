@@ -14,10 +14,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from course_lib.runtime import KERNEL_ENV  # the same environment nbval's kernels get in `make test`
+
 ROOT = Path(__file__).resolve().parents[1]
-# The same environment nbval's kernels get in `make test`.
-KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu",
-              "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 def refresh(path: Path, timeout: int = 900) -> None:

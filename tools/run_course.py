@@ -18,6 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from course_lib.runtime import KERNEL_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     latest.symlink_to(stamp)
-    os.environ.setdefault("COURSE_PROGRESS", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per kernel: the same numbers on any machine load
+    # the regression kernel environment (one thread, pinned CPU kernels: the same numbers on any machine and
+    # load); papermill's `fast` parameter, not COURSE_FAST, sets the mode
+    os.environ.update({k: v for k, v in KERNEL_ENV.items() if k != "COURSE_FAST"})
     mode = "full" if args.full else "fast"
     print(f"Running {len(notebooks)} notebook(s) in {mode} mode into {out_root}")
     rows = []
