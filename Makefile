@@ -15,11 +15,12 @@ ASSIGNMENTS = $(sort $(notdir $(patsubst %/,%,$(wildcard solutions/[0-9]*/))))
 PYTEST_ARGS ?=
 JOBS ?= 2
 
-.PHONY: help setup course course-full test lab release sync outputs bench grade clean
+.PHONY: help setup course course-full test portability lab release sync outputs bench grade clean
 
 help:
 	@echo "make course      run every notebook (fast mode) with papermill into runs/<timestamp>/"
 	@echo "make test        the whole test suite (unit, notebooks, grading, lint)"
+	@echo "make portability the scenario tests under native, pinned and the oldest CPU kernels"
 	@echo "make lab         JupyterLab on notebooks/ (the learner notebooks)"
 	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
 	@echo "make grade SUBMISSIONS=<dir or .zip>  autograde a class -> grading/grades.csv, report.md, feedback/"
@@ -47,7 +48,13 @@ course-full: setup
 
 # The regression kernel environment (fast mode, CPU, one thread, no progress bars, CPU kernels pinned to AVX2 so
 # that reference outputs hold on any x86-64 CPU with AVX2): one definition, course_lib.runtime.KERNEL_ENV.
-NB_ENV = $(shell $(PY) -c 'from course_lib.runtime import KERNEL_ENV as e; print(" ".join(f"{k}={v}" for k, v in e.items()))')
+NB_ENV = $(shell $(PY) -c 'import shlex; from course_lib.runtime import KERNEL_ENV as e; print(" ".join(f"{k}={shlex.quote(v)}" for k, v in e.items()))')
+# What the library dispatchers would pick on an AVX2-only CPU (no AVX-512); with the pins, nothing may change.
+AVX2_CPU = MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+# The oldest kernels (no AVX2): other float rounding, for the scenario margins (never for reference outputs).
+OLD_KERNELS = ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+# The notebooks nbval also replays under AVX2_CPU (the ones whose outputs moved on another CPU before the pins).
+PORTABLE_SLICE = solutions/00_recipe_demo solutions/07_memory_precision solutions/08_hparam_search
 
 test: setup
 	$(PY) -m ruff check course_lib tests tools bench grading_cli solutions conftest.py
@@ -55,6 +62,18 @@ test: setup
 	@echo "nbval: re-run the solution notebooks and compare every output with the stored reference"
 	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --dist loadfile -q $(PYTEST_ARGS) solutions \
 		--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	@echo "portable numerics: a slice of nbval as on an AVX2-only CPU, and the scenario margins with the oldest kernels"
+	$(NB_ENV) $(AVX2_CPU) $(PY) -m pytest -n $(JOBS) --dist loadfile -q $(PYTEST_ARGS) $(PORTABLE_SLICE) \
+		--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(NB_ENV) $(OLD_KERNELS) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
+
+# The scenario tests under native, pinned (avx2) and the oldest (default) CPU kernels: their margins must hold
+# under each (CI runs the pinned and the oldest; run this on a new machine or after changing a scenario).
+portability: setup
+	$(NB_ENV) env -u ATEN_CPU_CAPABILITY -u ONEDNN_MAX_CPU_ISA -u MKL_CBWR -u NPY_DISABLE_CPU_FEATURES \
+		$(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
+	$(NB_ENV) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
+	$(NB_ENV) $(OLD_KERNELS) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
 
 # Refresh the reference outputs of the solution notebooks after an intended change (then review and commit).
 outputs: setup

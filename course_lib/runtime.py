@@ -9,14 +9,17 @@ import torch
 
 __all__ = ["seed_everything", "get_device", "is_fast", "check_version", "PINNED_NUMERICS", "KERNEL_ENV"]
 
-PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
+                   "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512F AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"}
 """CPU kernel choices pinned for the regression and grading kernels (never for learners).
 
 Float results depend on the code path each library picks for the CPU it runs on: torch's vectorised
 kernels (``ATEN_CPU_CAPABILITY``: ``default``, ``avx2``, ``avx512``), oneDNN's (``ONEDNN_MAX_CPU_ISA``; it
-serves e.g. ``gelu``) and MKL's matmuls (``MKL_CBWR``, MKL's conditional numerical reproducibility). With
-all three held at AVX2, every x86-64 CPU that has AVX2, with or without AVX-512, runs the same kernels and so
-gives the same bits: the reference outputs made on one machine hold on another. Learners run native kernels.
+serves e.g. ``gelu`` on CPU), MKL's matmuls (``MKL_CBWR``, MKL's conditional numerical reproducibility) and
+NumPy's dispatched loops (``NPY_DISABLE_CPU_FEATURES``: its AVX-512 targets, under NumPy 1 and 2 names). With
+all of them held at AVX2, every x86-64 CPU that has AVX2, with or without AVX-512, runs the same kernels and
+so gives the same bits: reference outputs made on one machine hold on another (``tests/test_portable_numerics.py``
+shows that each pin changes what it should). Learners are never pinned: their kernels run native, at full speed.
 """
 
 KERNEL_ENV = {"COURSE_FAST": "1", "COURSE_PROGRESS": "0", "COURSE_DEVICE": "cpu", "PYTHONWARNINGS": "ignore",

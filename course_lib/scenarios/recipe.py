@@ -129,7 +129,7 @@ def clip_fraction(steps) -> float:
 
 
 def evidence(history, model: nn.Module, X_val: torch.Tensor) -> dict:
-    """The numbers the notebooks compare: worst step, dead units, kept accuracy, clip fractions.
+    """The numbers the notebooks compare: worst step, dead units, kept accuracy and val loss, clip fractions.
 
     ``late_clip_frac`` is the clip fraction over the second half of the optimizer steps: healthy clipping fades
     as training settles, clipping that fights a too-high LR does not.
@@ -139,6 +139,7 @@ def evidence(history, model: nn.Module, X_val: torch.Tensor) -> dict:
             "max_grad_norm": max(s["grad_norm"] for s in steps),
             "dead_frac": dead_relu_fraction(model, X_val),
             "val_acc": kept_val_acc(history),
+            "val_loss": float(history.best_value),
             "final_val_acc": float(history[-1]["val_acc"]),
             "best_epoch": history.best_epoch,
             "clip_frac": clip_fraction(steps),
