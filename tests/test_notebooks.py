@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,21 +67,69 @@ def check_lab_replays_the_scenario(lab):
 
 @pytest.mark.parametrize("path", RELEASED, ids=nb_ids(RELEASED))
 def test_learner_notebook_runs_with_exercises_unsolved(path, tmp_path):
-    """Only exercise stubs (NotImplementedError) and the tests that check them may fail; everything else runs."""
+    """JupyterLab's Run All on an unsolved notebook reaches the last cell, saying what is still missing.
+
+    nbclient with allow_errors=False stops at the first error, as Run All does, and lets a cell tagged
+    ``raises-exception`` raise, as JupyterLab does. Every exercise and decision says so in one line.
+    """
     work = tmp_path / path.stem
     shutil.copytree(path.parent, work)
-    nb = execute(work / path.name, cwd=work, allow_errors=True, parameters={"out_dir": str(work / "artifacts")})
-    bad = []
-    for i, cell, err in errors(nb):
+    nb = execute(work / path.name, cwd=work, allow_errors=False, parameters={"out_dir": str(work / "artifacts")})
+    assert not [i for i, c, _ in errors(nb) if "raises-exception" not in c.metadata.get("tags", [])]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "every code cell ran"
+    text = {id(c): "".join(o.get("text", "") for o in c.outputs) for c in code}
+    tests = [c for c in code if c.metadata.get("nbgrader", {}).get("grade")]
+    assert tests and all("not written yet" in text[id(c)] or "not answered yet" in text[id(c)] for c in tests), \
+        [(c.metadata["nbgrader"]["grade_id"], text[id(c)]) for c in tests]
+    for c in tests:
+        line = next(ln for ln in text[id(c)].splitlines() if "not written yet" in ln or "not answered yet" in ln)
+        assert len(line) <= 160 and ("course_lib's version" in line or "still unanswered" in line), line
+    last = text[id(code[-1])]
+    assert "Still unanswered" in last and "decisions saved" not in last, last
+    assert json.loads((work / "artifacts" / "decisions.json").read_text()).get("first_problem", None) is None
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=nb_ids(SOLUTIONS))
+def test_unsolved_path_cannot_earn_points(path):
+    """The guards that let an unsolved notebook run on only wrap visible tests; hidden tests stay outside them.
+
+    Every test cell is ``with exercise(...)`` (code exercises) or ``if answered(...)`` (decisions) around its
+    visible part, followed at top level by hidden tests that use the same names, so an unsolved exercise or a
+    ``None`` answer fails them (the grader scores a test cell 0 unless every part of it runs cleanly).
+    """
+    import ast
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
         meta = cell.metadata.get("nbgrader", {})
-        if meta.get("grade") and not meta.get("solution"):
-            continue  # a test cell of an unsolved exercise
-        if meta.get("solution") and err["ename"] == "NotImplementedError":
-            continue  # the stub itself
-        bad.append((i, err["ename"], err["evalue"][:200], cell.source[:120]))
-    assert not bad, bad
-    stubs = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"]
-    assert stubs and all("raise NotImplementedError()" in c.source for c in stubs)
+        if cell.cell_type != "code" or not meta.get("grade_id"):
+            continue
+        if meta.get("solution") and not meta.get("grade"):  # an answer: functions raise, decisions start at None
+            begin = next(ln for ln in cell.source.splitlines() if "### BEGIN SOLUTION" in ln)
+            head = cell.source.split("### BEGIN SOLUTION")[0]
+            assert begin[:1].isspace() or re.search(r"^\w+ = None\b", head, re.M), \
+                f"{meta['grade_id']}: a decision cell starts its answers at None"
+            continue
+        if not meta.get("grade"):
+            continue
+        visible, sep, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
+        body = [n for n in ast.parse(visible).body if not isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert len(body) == 1, f"{meta['grade_id']}: one guard around the visible tests"
+        guard = body[0]
+        if isinstance(guard, ast.With):
+            call = guard.items[0].context_expr
+            assert isinstance(call, ast.Call) and call.func.id == "exercise", meta["grade_id"]
+            names = [n for n in call.args[0].value.split(" and ")]
+        else:
+            assert isinstance(guard, ast.If) and guard.test.func.id == "answered", meta["grade_id"]
+            names = [k.arg for k in guard.test.keywords]
+        hidden = hidden.partition("### END HIDDEN TESTS")[0]
+        assert sep and ast.parse(hidden).body, f"{meta['grade_id']}: hidden tests are what scores, and they must exist"
+        first = next(ln for ln in hidden.splitlines() if ln.strip())
+        assert not first[:1].isspace(), f"{meta['grade_id']}: hidden tests must not continue the guard's block"
+        used = {n.id for n in ast.walk(ast.parse(hidden)) if isinstance(n, ast.Name)}
+        assert any(n in used for n in names), f"{meta['grade_id']}: hidden tests must use {names}"
 
 
 def test_released_notebooks_match_solutions(tmp_path):
@@ -128,3 +178,31 @@ def test_shared_cells_in_sync():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "sync_notebooks.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_unsolved_helpers_say_what_is_missing(tmp_path, capsys):
+    """course_lib.notebook's unsolved path: one line each, errors other than the stub's still raise."""
+    from course_lib import notebook
+
+    def stub(x):
+        raise NotImplementedError()
+
+    with notebook.exercise("stub"):
+        stub(1)
+    assert "stub is not written yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError), notebook.exercise("wrong"):
+        raise AssertionError("a wrong answer is shown")
+    assert notebook.answered(a=1, b="x") and capsys.readouterr().out == ""
+    assert not notebook.answered(a=None, b=0) and "[decision] a not answered yet" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="needs the decision names"):
+        notebook.answered()
+    fn = notebook.use_or_fallback(stub, abs, -2, name="my_stub")
+    assert fn is abs and "my_stub" in notebook.unsolved_exercises()
+    notebook.save_decisions(tmp_path, a=None, b=2)
+    out = capsys.readouterr().out
+    assert "Still unanswered" in out and "my_stub" in out and "a" in out.split("decisions (still None):")[1]
+    assert json.loads((tmp_path / "decisions.json").read_text()) == {"b": 2}
+    assert notebook.use_or_fallback(abs, abs, -2, name="my_stub") is abs
+    assert "my_stub" not in notebook.unsolved_exercises()
+    notebook.save_decisions(tmp_path, a=1, b=2)
+    assert capsys.readouterr().out.splitlines()[-1] == "decisions saved to decisions.json in out_dir"
