@@ -1,4 +1,4 @@
-"""Helpers for tests that execute notebooks."""
+"""Helpers for tests that execute notebooks, and the seeds the scenario tests prove their claims on."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,15 @@ from pathlib import Path
 from course_lib.runtime import KERNEL_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scenario_seeds() -> range:
+    """The seeds the scenario tests prove their claims on: 0-4, or 0..N-1 with ``COURSE_TEST_SEEDS=N``
+    (``make seeds`` runs 20)."""
+    n = int(os.environ.get("COURSE_TEST_SEEDS", "5"))
+    if n < 1:
+        raise ValueError(f"COURSE_TEST_SEEDS must be a whole number >= 1, got {n}")
+    return range(n)
 
 
 def notebooks(folder: str) -> list[Path]:

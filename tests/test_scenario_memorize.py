@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from nbutil import scenario_seeds
+
 from course_lib.checkpoint import BestCheckpoint
 from course_lib.data import digits_split, make_loaders
 from course_lib.models import MLP
@@ -14,7 +16,7 @@ from course_lib.runtime import seed_everything
 from course_lib.scenarios import memorize
 from course_lib.train import fit
 
-SEEDS = range(5)
+SEEDS = scenario_seeds()
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from nbutil import scenario_seeds
+
 from course_lib.scenarios import recipe
 from course_lib.train import History
 
-SEEDS = range(5)
+SEEDS = scenario_seeds()
 
 
 @pytest.fixture(scope="module")

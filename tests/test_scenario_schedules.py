@@ -1,4 +1,4 @@
-"""Notebook 02's evidence holds on every seed: the finder's range, and cosine winning at the top of it."""
+"""Notebook 02's evidence: the finder's range holds on every seed; cosine wins at the top of it on most seeds."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -6,9 +6,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from nbutil import scenario_seeds
+
 from course_lib.scenarios import schedules as sc
 
-SEEDS = range(5)
+SEEDS = scenario_seeds()
 
 
 def _evidence(seed):
@@ -34,19 +36,29 @@ def test_finder_suggestions_are_stable_and_inside_the_range(evidence):
         assert high <= 10 * ev["minimum/10"] / 3 + 1e-12, ev  # never at the loss minimum
 
 
-def test_cosine_rescues_the_aggressive_lr_on_every_seed(evidence):
+def test_cosine_usually_rescues_the_aggressive_lr(evidence):
+    """At 5x the finder's LR, cosine keeps the lower best val loss on most seeds, by a clear margin on average.
+
+    Not on every seed: measured on seeds 0-19 (fast mode, 1 thread) under native (AVX-512), pinned (avx2),
+    ``default`` and the oldest kernels, cosine won on 17-18 of 20 seeds (mean margin 0.041-0.058); where it
+    lost (seeds 2, 8, 10, 11 or 15, depending on the kernels) it lost by at most 0.033, while its wins reach
+    0.34. The aggressive runs are chaotic, so which seeds lose moves with the float rounding; the counts and
+    the mean do not.
+    """
     margins = [ev["top_margin"] for ev in evidence]
-    relative = [ev["top_margin"] / ev["best_val_loss"]["constant @ top"] for ev in evidence]
-    # measured (1 thread, seeds 0-9): 0.021..0.343, relative 7%..53%; the aggressive runs are chaotic, so the
-    # thread count moves single values (seed 2 with 2 threads: 0.015), never the sign
-    assert min(margins) > 0.005 and min(relative) > 0.03, (margins, relative)
+    assert sum(m > 0 for m in margins) >= 0.8 * len(margins), margins
+    assert min(margins) > -0.05, margins
     assert sum(margins) / len(margins) > 0.03, margins
 
 
-def test_the_finder_lr_beats_the_aggressive_constant_run(evidence):
-    for ev in evidence:
-        best = ev["best_val_loss"]
-        assert min(best["constant @ finder"], best["cosine @ finder"]) < best["constant @ top"], ev
+def test_the_finder_lr_usually_beats_the_aggressive_constant_run(evidence):
+    """The finder's LR keeps a lower best val loss than the constant run at 5x that LR on most seeds; on average
+    by a clear margin (seeds 0-19: 18-20 of 20 under each kernel setting, mean 0.06-0.12; the exceptions lose by
+    at most 0.023)."""
+    gaps = [ev["best_val_loss"]["constant @ top"] - min(ev["best_val_loss"]["constant @ finder"],
+                                                         ev["best_val_loss"]["cosine @ finder"]) for ev in evidence]
+    assert sum(g > 0 for g in gaps) >= 0.8 * len(gaps), gaps
+    assert min(gaps) > -0.05 and sum(gaps) / len(gaps) > 0.03, gaps
 
 
 def test_sensible_range_caps_a_steepest_point_past_the_minimum():

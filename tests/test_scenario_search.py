@@ -6,9 +6,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from nbutil import scenario_seeds
+
 from course_lib.scenarios import search as sc
 
-SEEDS = range(5)
+SEEDS = scenario_seeds()
 
 
 def _evidence(seed):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nbutil import scenario_seeds
+
 from course_lib.freezing import trainable_names
 from course_lib.lora import LoRALinear
 from course_lib.scenarios import transfer
 
-SEEDS = range(5)
+SEEDS = scenario_seeds()
 MORE_CAPACITY = ("partial_unfreeze", "adapter", "full_finetune")
 
 
