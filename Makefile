@@ -15,12 +15,13 @@ ASSIGNMENTS = $(sort $(notdir $(patsubst %/,%,$(wildcard solutions/[0-9]*/))))
 PYTEST_ARGS ?=
 JOBS ?= 2
 
-.PHONY: help setup course course-full test portability lab release sync outputs bench grade clean
+.PHONY: help setup course course-full test portability seeds lab release sync outputs bench grade formgrader browser-check clean
 
 help:
 	@echo "make course      run every notebook (fast mode) with papermill into runs/<timestamp>/"
 	@echo "make test        the whole test suite (unit, notebooks, grading, lint)"
 	@echo "make portability the scenario tests under native, pinned and the oldest CPU kernels"
+	@echo "make seeds       the scenario tests on 20 seeds instead of 5"
 	@echo "make lab         JupyterLab on notebooks/ (the learner notebooks)"
 	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
 	@echo "make grade SUBMISSIONS=<dir or .zip>  autograde a class -> grading/grades.csv, report.md, feedback/"
@@ -28,6 +29,8 @@ help:
 	@echo "make course-full the same as course, in full mode"
 	@echo "make outputs     re-execute solutions/ to refresh nbval's reference outputs"
 	@echo "make bench       speed and memory benchmarks -> bench/results.md"
+	@echo "make formgrader  nbgrader's formgrader (hand-grade the recipe notes) on the course in grading/"
+	@echo "make browser-check  Run All of a learner notebook in headless Chromium (NB=00; not in CI)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,12 +78,29 @@ portability: setup
 	$(NB_ENV) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
 	$(NB_ENV) $(OLD_KERNELS) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
 
+# The scenario tests on seeds 0-19 instead of 0-4 (pinned kernels; prefix OLD_KERNELS' values for others).
+seeds: setup
+	$(NB_ENV) COURSE_TEST_SEEDS=20 $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
+
 # Refresh the reference outputs of the solution notebooks after an intended change (then review and commit).
 outputs: setup
 	$(PY) tools/refresh_outputs.py
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
+
+# Formgrader: JupyterLab in the course root with the venv's bin/ on PATH (nbgrader runs alembic from it), a
+# complete gradebook (a half-made one is repaired), every assignment in it and the exchange folder made first;
+# --allow-root only when run as root. LAB_ARGS e.g. "--no-browser --port 8899".
+formgrader: setup
+	$(PY) tools/formgrader.py -- $(LAB_ARGS)
+
+# A real browser (system chromium, Playwright) runs all cells of a learner notebook in fast mode, saves, reloads,
+# and fails on a stopped run, an error box or a widget error. Installs chromium (apt) and playwright (pip) if
+# missing. Not part of `make test`. NB=00 picks notebooks/00_*.
+NB ?= 00
+browser-check: setup
+	$(PY) tools/browser_check.py $(NB)
 
 release: setup
 	cd grading && for a in $(ASSIGNMENTS); do $(BIN)/nbgrader generate_assignment "$$a" --force --log-level=WARN || exit 1; done

@@ -1,5 +1,6 @@
 """The setup learners and maintainers rely on: pyproject, environment.yml, the Makefile and CI script."""
 import ast
+import os
 import re
 
 import tomllib
@@ -66,3 +67,35 @@ def test_readme_shows_the_two_commands_first():
     text = (ROOT / "README.md").read_text()
     first = text.index("make course")
     assert first < 1500 and "make test" in text[:1500]
+
+
+def test_formgrader_prepares_a_complete_gradebook_and_exchange(tmp_path, monkeypatch):
+    """`make formgrader`: a half-made gradebook (tables, no alembic_version) is repaired, not tripped on."""
+    import sqlite3
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(ROOT / "tests" / "cohort"))
+    import formgrader
+    from fixtures import build_course
+
+    grading = build_course(tmp_path / "course", release=False)
+    db = grading / "gradebook.db"
+    with sqlite3.connect(db) as con:  # what a start without alembic on PATH leaves behind
+        con.execute("CREATE TABLE assignment (id VARCHAR(128) NOT NULL PRIMARY KEY)")
+    assert formgrader.repair_gradebook(db) == "repaired"
+    db.unlink()
+    done = formgrader.prepare(grading)
+    assert done["gradebook"] == "missing" and done["released"] == ["01_alpha", "02_beta"]
+    assert (grading / "exchange").is_dir() and done["exchange"] == str(grading / "exchange")
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+        con.execute("DROP TABLE alembic_version")
+    again = formgrader.prepare(grading)
+    assert again["gradebook"] == "repaired" and again["released"] == []
+    assert formgrader.repair_gradebook(db) == "ok"
+    cmd = formgrader.lab_command(grading)
+    assert cmd[1] == "lab" and f"--ServerApp.root_dir={grading}" in cmd
+    assert ("--allow-root" in cmd) == (os.geteuid() == 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "--allow-root" not in formgrader.lab_command(grading)
