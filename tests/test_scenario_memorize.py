@@ -6,7 +6,6 @@ import math
 import pandas as pd
 import pytest
 import torch
-
 from nbutil import scenario_seeds
 
 from course_lib.checkpoint import BestCheckpoint

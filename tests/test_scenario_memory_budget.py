@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from nbutil import scenario_seeds
+from torch import nn
 
 from course_lib.memory import choose_levers, predict_memory
 from course_lib.models import MLP

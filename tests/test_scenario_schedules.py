@@ -5,7 +5,6 @@ import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-
 from nbutil import scenario_seeds
 
 from course_lib.scenarios import schedules as sc

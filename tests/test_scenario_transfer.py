@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from nbutil import scenario_seeds
 
 from course_lib.freezing import trainable_names
