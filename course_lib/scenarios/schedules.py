@@ -3,8 +3,9 @@
 The story: the LR range test on the MLP gives a *range* of usable LRs. At the finder's LR (``minimum/10``)
 a constant and a cosine schedule end up close, and which one wins depends on the seed. At the top of the
 range (``AGGRESSIVE_FACTOR`` x that LR: half the LR of the loss minimum) the constant schedule keeps
-bouncing while cosine decays into a good checkpoint: the cosine run keeps the lower best val loss on every
-seed we tried (0-9, margin >= 0.02). The LR is the first-order choice; the schedule buys tolerance.
+bouncing while cosine decays into a good checkpoint: the cosine run keeps the lower best val loss on most seeds
+(17-18 of seeds 0-19 under each CPU kernel setting, mean margin 0.04-0.06; where it loses, by at most 0.033).
+The LR is the first-order choice; the schedule buys tolerance.
 
 ``run(seed)`` reproduces the notebook's numbers; ``tests/test_scenario_schedules.py`` checks them over seeds.
 """
