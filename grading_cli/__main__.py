@@ -68,10 +68,14 @@ def main(argv=None) -> int:
     g.add_argument("--scheduler", help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     g.add_argument("--cell-timeout", type=int, default=Limits.cell_timeout, help="seconds per cell")
     g.add_argument("--notebook-timeout", type=int, default=Limits.notebook_timeout, help="seconds per notebook")
-    g.add_argument("--memory-mb", type=int, default=Limits.memory_mb, help="address-space limit of a kernel")
+    g.add_argument("--memory-mb", type=int, default=Limits.memory_mb,
+                   help="memory of one submission: address space of each process and resident memory of all")
     g.add_argument("--cpu-seconds", type=int, help="CPU-time limit of a kernel (default: notebook timeout + 60)")
     g.add_argument("--isolation", default="auto", choices=["auto", "full", "net", "none"])
-    g.add_argument("--hide", action="append", default=[], help="another folder the kernels must not see")
+    g.add_argument("--unsafe", action="store_true",
+                   help="allow grading below the 'full' sandbox (net: without root; none: no isolation)")
+    g.add_argument("--max-processes", type=int, default=Limits.max_processes, help="processes of one submission")
+    g.add_argument("--disk-mb", type=int, default=Limits.disk_mb, help="MiB one submission may write")
     g.add_argument("--no-feedback", action="store_true", help="skip the HTML feedback")
     g.add_argument("--json", action="store_true", help="print the run summary as JSON")
     e = sub.add_parser("export", help="rewrite grades.csv from the gradebook (e.g. after manual grading)")
@@ -98,7 +102,8 @@ def main(argv=None) -> int:
         return 1 if problems else 0
     limits = {"cell_timeout": args.cell_timeout, "notebook_timeout": args.notebook_timeout,
               "memory_mb": args.memory_mb, "cpu_seconds": args.cpu_seconds}
-    options = {"limits": limits, "isolation": args.isolation, "hide": args.hide, "feedback": not args.no_feedback,
+    limits.update(max_processes=args.max_processes, disk_mb=args.disk_mb)
+    options = {"limits": limits, "isolation": args.isolation, "unsafe": args.unsafe, "feedback": not args.no_feedback,
                "params": {"fast": True, "device": "cpu", "out_dir": "artifacts"}}
     summary = grade(course, args.submissions, assignments=args.assignment, roster=roster, workers=args.workers,
                     scheduler=args.scheduler, options=options)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nbformat
 
-from .repair import kind_of
+from .nbmeta import kind_of
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_RELEASED_FILES = 64 * 2**20

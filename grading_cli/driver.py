@@ -19,11 +19,24 @@ from pathlib import Path
 
 from .collect import collect, safe_id
 from .course import Course, assignment_spec
+from .execute import probe_isolation
+from .flags import TAMPER
+from .report import write_report
+from .results import load_results
 from .task import grade_one
 
-TAMPER = {"edited_tests", "edited_locked", "deleted_cells", "changed_points", "changed_metadata", "suspicious_code"}
 COLUMNS = ["student", "assignment", "status", "score", "max_score", "auto_score", "auto_max", "manual_pending",
            "flags", "repairs", "cells"]
+
+
+def check_level(isolation: str, unsafe: bool) -> str:
+    """The sandbox level this machine gives; below ``full`` only with ``unsafe`` (learner code is hostile)."""
+    level = probe_isolation(isolation)
+    if level != "full" and not unsafe:
+        raise ValueError(f"the sandbox here is {level!r}, not 'full' (root on Linux): learner code could "
+                         f"{'read the files you can read' if level == 'net' else 'read and write what you can'}. "
+                         "Grade as root (a VM or container) or pass --unsafe (see docs/grading.md, Security model)")
+    return level
 
 
 def make_client(scheduler: str | None = None, workers: int | None = None):
@@ -87,14 +100,6 @@ def store(course: Course, result: dict, files: dict[str, bytes]) -> None:
                 else:  # keep a score an instructor already gave by hand
                     grade.auto_score, grade.needs_manual_grade = None, grade.manual_score is None
         gb.db.commit()
-
-
-def load_results(course: Course) -> dict[tuple[str, str], dict]:
-    out = {}
-    for path in sorted((course.root / "autograded").glob("*/*/grading_result.json")):
-        r = json.loads(path.read_text())
-        out[(r["student"], r["assignment"])] = r
-    return out
 
 
 def read_roster(path) -> list[str]:
@@ -185,8 +190,7 @@ def _grade(course, submissions, t0, assignments, roster, workers, scheduler, opt
     if not subs:
         raise ValueError(f"no submissions for {', '.join(names)} found in {submissions}")
     options = dict(options or {})
-    options.setdefault("hide", [])
-    options["hide"] = [*options["hide"], str(course.root), str(Path(submissions).resolve())]
+    check_level(options.get("isolation", "auto"), options.get("unsafe", False))
     client, cluster = make_client(scheduler, workers)
     summary = {"submissions": len(subs), "problems": problems, "results": [], "workers": 0}
     try:
@@ -224,7 +228,5 @@ def _grade(course, submissions, t0, assignments, roster, workers, scheduler, opt
                    seconds_per_submission=round(wall / len(subs), 2), concurrency=round(busy / wall, 2) if wall else 0,
                    isolation=sorted({str(r["isolation"]) for r in summary["results"]}))
     summary["csv"] = str(export(course, roster))
-    from .report import write_report
-
     summary["report"] = str(write_report(course, summary, roster))
     return summary

@@ -1,6 +1,6 @@
 """Execute one notebook in a scratch folder, in the sandbox, under a per-cell and a whole-notebook time limit.
 
-The kernel is started through ``sandbox.py`` (see its docstring for what each isolation level hides) over
+The kernel is started through ``sandbox.py`` (see its docstring for what each isolation level shows) over
 ``ipc`` sockets in the job folder, so it needs no network. Each code cell gets
 ``min(cell_timeout, time left for the notebook)``; a cell that runs out is interrupted; if the kernel does
 not answer within a few seconds after that (the code ignores SIGINT) it is killed and the cells after it are
@@ -45,13 +45,23 @@ class Limits:
     memory_mb: int = 4096
     cpu_seconds: int | None = None  # default: notebook_timeout + 60 (kernels run with one thread)
     file_mb: int = 512
+    total_memory_mb: int | None = None  # resident memory of all processes together (default: memory_mb)
+    max_processes: int = 64  # processes of one submission at a time
+    disk_mb: int = 1024  # bytes written to the job folder (its private /tmp and /dev/shm are 256 MiB tmpfs)
+    max_files: int = 20_000
     max_cell_output: int = 20_000  # characters of text per cell; rich outputs get 100x
+    max_notebook_output: int = 20_000_000  # characters of all outputs of a notebook, display updates included
     interrupt_grace: int = 5
 
     def rlimits(self) -> dict:
         cpu = self.cpu_seconds or self.notebook_timeout + 60
         return {"as": self.memory_mb * 2**20, "cpu": cpu, "fsize": self.file_mb * 2**20, "nofile": 1024,
                 "nproc": 4096, "core": 0}
+
+    def totals(self) -> dict:
+        """Per-submission totals, enforced by the sandbox's PID 1 (and cgroup v2 where available)."""
+        return {"memory": (self.total_memory_mb or self.memory_mb) * 2**20, "procs": self.max_processes,
+                "disk": self.disk_mb * 2**20, "files": self.max_files}
 
 
 def kernel_env(home: Path, tmp: Path, extra: dict | None = None) -> dict:
@@ -65,25 +75,28 @@ def kernel_env(home: Path, tmp: Path, extra: dict | None = None) -> dict:
     return env
 
 
-def _keep_paths(job: Path) -> list[str]:
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+
+def view_paths(job: Path) -> list[list[str]]:
+    """The kernel's whole file system at ``full``/``net`` (an allow-list): system folders, the Python
+    installation and course_lib read-only; the job folder writable. Nothing else exists for it."""
     spec = importlib.util.find_spec("course_lib")
-    keep = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(job)}
+    ro = {*SYSTEM, sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)}
     if spec is not None and spec.origin:
-        keep.add(str(Path(spec.origin).resolve().parent))
-    return sorted(keep)
+        ro.add(str(Path(spec.origin).resolve().parent))
+    return [[p, "ro"] for p in sorted(ro) if os.path.lexists(p)] + [[str(job), "rw"]]
 
 
-def _hide_paths(job: Path, extra=()) -> list[str]:
-    hide = {str(REPO), tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm", os.path.expanduser("~"),
-            str(job.parent), *map(str, extra)}
-    return sorted(h for h in hide if h and os.path.isdir(h))
-
-
-def write_spec(job: Path, level: str, limits: Limits, argv: list[str], env_extra=None, hide=(), log=True) -> Path:
+def write_spec(job: Path, level: str, limits: Limits, argv: list[str], env_extra=None, log=True) -> Path:
+    """The sandbox's spec for the job folder ``job``; its root and report lie beside it, outside the view."""
     for sub in ("work", "home", "tmp"):
         (job / sub).mkdir(parents=True, exist_ok=True)
-    spec = {"level": level, "hide": _hide_paths(job, hide), "keep": _keep_paths(job), "owned": [str(job)],
-            "rlimits": limits.rlimits(), "cwd": str(job / "work"), "argv": argv,
+    root = job.with_name(job.name + ".root")
+    root.mkdir(exist_ok=True)
+    spec = {"level": level, "view": view_paths(job), "root": str(root), "report": str(job) + ".report",
+            "owned": [str(job)], "rlimits": limits.rlimits(), "totals": limits.totals(), "cwd": str(job / "work"),
+            "argv": argv,
             "log": str(job / "kernel.log") if log else None,
             "env": kernel_env(job / "home", job / "tmp", env_extra)}
     path = job / "sandbox.json"
@@ -121,50 +134,87 @@ def probe_isolation(wanted: str = "auto") -> str:
             proc = subprocess.run([sys.executable, str(SANDBOX), str(spec), str(job / "conn.json")],
                                   capture_output=True, text=True, timeout=120)
             fields = proc.stdout.split()
-            if proc.returncode == 0 and len(fields) == 3 and fields[1] == "blocked":
-                if level == "net" or (fields[0] != "0" and fields[2] == "0"):
+            if proc.returncode == 0 and len(fields) == 3 and fields[1] == "blocked" and fields[2] == "0":
+                if fields[0] != "0":  # never root inside
                     return level
         except (OSError, subprocess.SubprocessError):
             pass
         finally:
-            shutil.rmtree(job, ignore_errors=True)
+            _clean(job)
         if wanted != "auto":
             raise RuntimeError(f"isolation level {wanted!r} does not work here; use --isolation auto")
     return "none"
 
 
 class _Client(NotebookClient):
-    """nbclient with a per-cell output cap and a record of timeouts."""
+    """nbclient with output caps (per cell, per notebook, display updates included), the execution reply of
+    each cell, and a record of timeouts."""
 
-    def __init__(self, nb, km, max_chars: int, **kw):
+    def __init__(self, nb, km, max_chars: int, max_total: int, **kw):
         super().__init__(nb, km=km, **kw)
-        self.max_chars, self.timed_out, self.truncated, self._used = max_chars, False, False, {}
+        self.max_chars, self.max_total, self.timed_out, self.truncated = max_chars, max_total, False, False
+        self._used, self._total, self._marked, self.replies = {}, 0, set(), {}
 
     async def _async_handle_timeout(self, timeout, cell=None):
         self.timed_out = True
         return await super()._async_handle_timeout(timeout, cell)
 
+    async def _check_raise_for_error(self, cell, cell_index, exec_reply):
+        self.replies[cell_index] = (exec_reply or {}).get("content", {}).get("status")
+        return await super()._check_raise_for_error(cell, cell_index, exec_reply)
+
+    def _room(self, cell_index: int, key: str) -> int:
+        cap = self.max_chars if key == "text" else 100 * self.max_chars
+        return min(cap - self._used.get((cell_index, key), 0), self.max_total - self._total)
+
+    def _charge(self, cell_index: int, key: str, size: int) -> None:
+        self._used[(cell_index, key)] = self._used.get((cell_index, key), 0) + size
+        self._total += size
+
+    def _mark(self, outs, cell_index: int) -> None:
+        self.truncated = True
+        if cell_index not in self._marked:
+            self._marked.add(cell_index)
+            outs.append(nbformat.v4.new_output("stream", name="stdout", text=TRUNCATED))
+
     def output(self, outs, msg, display_id, cell_index):
         content = msg.get("content", {})
-        if msg["msg_type"] == "stream":
-            key, size, cap = "text", len(content.get("text", "")), self.max_chars
-        else:
-            key, size, cap = "data", len(json.dumps(content.get("data", content))), 100 * self.max_chars
-        used = self._used.get((cell_index, key), 0)
-        self._used[(cell_index, key)] = used + size
-        if used + size <= cap:
+        kind = msg["msg_type"]
+        if kind == "error":  # always kept (it decides the score), but bounded
+            content["evalue"] = str(content.get("evalue", ""))[:2000]
+            content["traceback"] = [str(t)[:2000] for t in content.get("traceback", [])[-20:]]
             return super().output(outs, msg, display_id, cell_index)
-        if not self.truncated or used <= cap:
-            if key == "text" and used < cap:
-                content["text"] = content["text"][: cap - used] + TRUNCATED
-                super().output(outs, msg, display_id, cell_index)
-            elif used <= cap:
-                outs.append(nbformat.v4.new_output("stream", name="stdout", text=TRUNCATED))
-        self.truncated = True
+        key = "text" if kind == "stream" else "data"
+        size = len(content.get("text", "")) if key == "text" else len(json.dumps(content.get("data", content)))
+        room = self._room(cell_index, key)
+        if size <= room:
+            self._charge(cell_index, key, size)
+            return super().output(outs, msg, display_id, cell_index)
+        if key == "text" and room > 0:
+            content["text"] = content["text"][:room] + TRUNCATED
+            self._charge(cell_index, key, room)
+            self._marked.add(cell_index)
+            self.truncated = True
+            return super().output(outs, msg, display_id, cell_index)
+        self._mark(outs, cell_index)
         return None
 
+    def _update_display_id(self, display_id, msg):
+        """A display update rewrites every output shown under ``display_id``: each copy counts."""
+        targets = self._display_id_map.get(display_id, {})
+        if not targets:
+            return None
+        size = len(json.dumps(msg.get("content", {}).get("data", {})))
+        if any(size * len(idx) > self._room(c, "data") for c, idx in targets.items()):
+            for c in targets:
+                self._mark(self.nb.cells[c].outputs, c)
+            return None
+        for c, idx in targets.items():
+            self._charge(c, "data", size * len(idx))
+        return super()._update_display_id(display_id, msg)
 
-async def _execute(nb, job: Path, level: str, limits: Limits, statuses: list, events: list) -> None:
+
+async def _execute(nb, job: Path, level: str, limits: Limits, statuses: list, events: list, quiet=()) -> None:
     kdir = job / "kernels" / "grading-sandbox"
     kdir.mkdir(parents=True)
     (kdir / "kernel.json").write_text(json.dumps({
@@ -173,7 +223,8 @@ async def _execute(nb, job: Path, level: str, limits: Limits, statuses: list, ev
     km = AsyncKernelManager(kernel_name="grading-sandbox", transport="ipc", ip=str(job / "ipc"),
                             connection_file=str(job / "conn.json"),
                             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(job / "kernels")]))
-    client = _Client(nb, km, limits.max_cell_output, allow_errors=True, interrupt_on_timeout=True,
+    client = _Client(nb, km, limits.max_cell_output, limits.max_notebook_output, allow_errors=True,
+                     interrupt_on_timeout=True,
                      error_on_timeout={"ename": "CellTimeoutError", "evalue": "cell time limit", "traceback": []},
                      startup_timeout=120, iopub_timeout=2, shutdown_kernel="immediate", record_timing=False,
                      resources={"metadata": {"path": str(job / "work")}})
@@ -192,7 +243,7 @@ async def _execute(nb, job: Path, level: str, limits: Limits, statuses: list, ev
                 continue
             client.timeout, client.timed_out = math.ceil(min(limits.cell_timeout, left)), False
             try:
-                await client.async_execute_cell(cell, i)
+                await client.async_execute_cell(cell, i, store_history=i not in quiet)
             except DeadKernelError:
                 statuses[i], alive = "died", False
                 events.append(("kernel_died", i))
@@ -201,7 +252,12 @@ async def _execute(nb, job: Path, level: str, limits: Limits, statuses: list, ev
                     traceback=["The kernel died while running this cell."]))
                 continue
             errors = [o for o in cell.outputs if o.output_type == "error"]
-            statuses[i] = "error" if errors else "ok"
+            reply = client.replies.pop(i, None)
+            statuses[i] = "error" if errors or reply not in ("ok", None) else "ok"
+            if reply not in ("ok", None) and not errors:  # the kernel said error but showed none
+                events.append(("reply_error", i))
+                cell.outputs.append(nbformat.v4.new_output(
+                    "error", ename="ReplyError", evalue=f"the execution reply said {reply!r}", traceback=[]))
             if client.timed_out:
                 statuses[i] = "timeout"
                 kind = "notebook_timeout" if deadline - time.monotonic() < 1 else "cell_timeout"
@@ -233,9 +289,19 @@ def _read_tail(path: Path, size: int = 1500) -> str:
         return f.read(size).decode("utf-8", "replace")
 
 
+def _clean(job: Path) -> None:
+    shutil.rmtree(job, ignore_errors=True)
+    shutil.rmtree(job.with_name(job.name + ".root"), ignore_errors=True)
+    Path(str(job) + ".report").unlink(missing_ok=True)
+
+
 def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits: Limits | None = None,
-                     scratch: str | None = None, env: dict | None = None, hide=()) -> dict:
+                     scratch: str | None = None, env: dict | None = None, quiet=()) -> dict:
     """Run ``nb`` (a NotebookNode, executed in place) in a fresh job folder holding ``files``.
+
+    Cells whose index is in ``quiet`` (the hidden tests) run with ``store_history=False``: they are not in the
+    kernel's input history (``In``, ``_ih``). A cell is ``error`` when it showed an error output or when its
+    execution reply said so (learner code can silence the output, not the reply).
 
     Returns ``{"statuses": [...], "events": [(kind, cell index)], "seconds": float, "level": level}``;
     ``statuses[i]`` is ``ok``, ``error``, ``timeout``, ``died``, ``not_run`` or ``None`` (not a code cell).
@@ -248,13 +314,15 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
     t0 = time.monotonic()
     try:
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        write_spec(job, level, limits, argv, env, hide)
+        write_spec(job, level, limits, argv, env)
         for name, data in files.items():
+            if name.startswith("/") or ".." in name.split("/"):
+                continue
             target = job / "work" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         try:
-            asyncio.run(_execute(nb, job, level, limits, statuses, events))
+            asyncio.run(_execute(nb, job, level, limits, statuses, events, set(quiet)))
         except DeadKernelError:
             events.append(("kernel_died", -1))
         except RuntimeError as err:  # the kernel never started
@@ -262,8 +330,12 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
             nb.metadata["grading_error"] = str(err)[:500]
         if any(kind in ("kernel_died", "kernel_failed") for kind, _ in events):
             tail = _read_tail(job / "kernel.log")
+        over = _read_tail(Path(str(job) + ".report"), 300)  # written by the sandbox's PID 1, out of the view
+        if over:
+            events.append(("limit_exceeded", -1))
+            tail = f"sandbox: {over}\n{tail}"
     finally:
-        shutil.rmtree(job, ignore_errors=True)
+        _clean(job)
     statuses = ["not_run" if s is None and c.cell_type == "code" and c.source.strip() else s
                 for s, c in zip(statuses, nb.cells)]
     return {"statuses": statuses, "events": events, "seconds": round(time.monotonic() - t0, 2), "level": level,

@@ -43,21 +43,6 @@ def similarity(a: str, b: str) -> float:
     return SequenceMatcher(None, a[:3000], b[:3000], autojunk=False).ratio()
 
 
-def kind_of(meta: dict) -> str | None:
-    """nbgrader's cell kinds: test (autograded tests), solution, manual (graded answer), task, locked."""
-    if not meta or not meta.get("grade_id"):
-        return None
-    if meta.get("task"):
-        return "task"
-    if meta.get("grade") and meta.get("solution"):
-        return "manual"
-    if meta.get("grade"):
-        return "test"
-    if meta.get("solution"):
-        return "solution"
-    return "locked" if meta.get("locked") else None
-
-
 def _score(rel: dict, cell) -> float:
     """How well learner ``cell`` fits released cell ``rel`` (0 = not at all); only same-type cells fit."""
     if cell.cell_type != rel["cell_type"]:
@@ -124,7 +109,7 @@ def _increasing(pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
 def repair(released_cells: list[dict], learner, notebook: str) -> tuple[list, list[dict], list[dict]]:
     """Rebuild ``learner`` (a NotebookNode) on the released cells; return (cells, repairs, flags).
 
-    ``released_cells[i]``: ``cell_type``, ``kind`` (see ``kind_of``; ``code``/``markdown`` for plain cells),
+    ``released_cells[i]``: ``cell_type``, ``kind`` (see ``nbmeta.kind_of``; ``code``/``markdown`` for plain cells),
     ``grade_id``, ``source`` (released), ``full`` (gradebook source of tests and locked cells), ``points``,
     ``metadata``, ``hint`` (the instructor's solution, optional), ``restore`` (always use the released cell).
     """

@@ -8,19 +8,14 @@ feedback can show the visible part's real output and only "hidden tests: passed/
 from __future__ import annotations
 
 import copy
-import functools
 import re
 
 import nbformat
 
+from .sanitize import clean_notebook, md_escape
+
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 WORST = ["ok", "error", "timeout", "died", "not_run"]
-SUSPICIOUS = re.compile(
-    r"get_ipython\(\)\s*\.\s*(input_transformers|ast_transformers|events|set_custom_exc|run_cell)"
-    r"|\b__builtins__\b|\bimport\s+builtins\b|\bbuiltins\s*\.|\bsys\s*\.\s*(settrace|setprofile|meta_path|modules\s*\[)"
-    r"|def\s+__(eq|ne|hash|bool|contains|instancecheck)__|\b_ih\b|\b_i\d+\b|\bIn\s*\[|\bunittest\.mock\b")
-
-
 def split_hidden(source: str) -> list[tuple[bool, str]]:
     """[(hidden, code), ...] in order; markers removed. Falls back to one hidden part if a split would not parse."""
     parts, hidden, buf = [], False, []
@@ -124,28 +119,17 @@ def score_cells(cells: list, info: list, rels_by_id: dict) -> list[dict]:
     return out
 
 
-def suspicious(cells: list, rels_by_id: dict, released_sources: set) -> list[str]:
-    """Learner-written code that reaches into the kernel's machinery (input transformers, builtins, __eq__...)."""
-    hits = []
-    for cell in cells:
-        rel = rels_by_id.get(cell.metadata.get("nbgrader", {}).get("grade_id"))
-        if cell.cell_type != "code" or (rel and rel["kind"] in ("test", "locked")) or cell.source in released_sources:
-            continue
-        m = SUSPICIOUS.search(cell.source)
-        if m:
-            hits.append(m.group(0))
-    return hits
-
-
-def feedback_notebook(cells: list, info: list, rels_by_id: dict, scores: list[dict], header: str):
-    """The learner's view: visible test source and output only, a score under each graded cell, redacted."""
+def feedback_notebook(cells: list, info: list, rels_by_id: dict, scores: list[dict], header: str,
+                      released_markdown=frozenset()):
+    """The learner's view: visible test source and output only, a score under each graded cell, redacted and
+    made inert (``sanitize``: learner markdown other than ``released_markdown`` is escaped)."""
     secret = set()
     for rel in rels_by_id.values():
         if rel["kind"] in ("test", "locked"):
             secret |= hidden_lines(rel["full"])
     by_id = {s["grade_id"]: s for s in scores}
     nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_markdown_cell(header))
+    nb.cells.append(nbformat.v4.new_markdown_cell(header, metadata={"grading_cli": True}))
     for cell, rec in zip(cells, info):
         new = copy.deepcopy(cell)
         rel = rels_by_id.get(cell.metadata.get("nbgrader", {}).get("grade_id"))
@@ -162,9 +146,10 @@ def feedback_notebook(cells: list, info: list, rels_by_id: dict, scores: list[di
         s = by_id.get(rel["grade_id"]) if rel else None
         if s:
             got = "graded by your instructor" if s["score"] is None else f"{s['score']:g} / {s['points']:g}"
-            text = f"**Score ({s['grade_id']}): {got}**" + (f" &nbsp; {s['reason']}" if s["score"] == 0 else "")
-            nb.cells.append(nbformat.v4.new_markdown_cell(text))
-    return nb
+            text = f"**Score ({s['grade_id']}): {got}**" + (f" &nbsp; {md_escape(s['reason'])}" if s["score"] == 0
+                                                             else "")
+            nb.cells.append(nbformat.v4.new_markdown_cell(text, metadata={"grading_cli": True}))
+    return clean_notebook(nb, lambda c: not c.metadata.get("grading_cli") and c.source not in released_markdown)
 
 
 def _redact(output, secret: set):
@@ -174,15 +159,3 @@ def _redact(output, secret: set):
     if any(line in text for line in secret):
         return nbformat.v4.new_output("stream", name="stdout", text="[output hidden: it showed hidden test code]\n")
     return output
-
-
-@functools.cache
-def _exporter():
-    from nbconvert import HTMLExporter
-
-    return HTMLExporter(template_name="classic")
-
-
-def to_html(nb) -> str:
-    body, _ = _exporter().from_notebook_node(nb)
-    return body

@@ -7,28 +7,20 @@ file system, and only the driver ever writes the gradebook.
 """
 from __future__ import annotations
 
+import copy
 import json
-import re
 import time
 import traceback
 
 import nbformat
 
 from .execute import Limits, execute_notebook, probe_isolation
+from .flags import flag
+from .nbmeta import CONTENT_MATCH, plain_stem
 from .repair import content_score, repair
-from .score import build_exec, feedback_notebook, merge, score_cells, suspicious, to_html
-
-RENAMED = re.compile(r"^(copy of |copia de |kopie von )|[-_ ]?copy\d*$|[ _-]?\(\d+\)$|[-_ ](final|v\d+|submission)$",
-                     re.I)
-
-
-def plain_stem(filename: str) -> str:
-    stem = filename.rsplit("/", 1)[-1].removesuffix(".ipynb").strip()
-    while True:
-        new = RENAMED.sub("", stem).strip()
-        if new == stem:
-            return stem.lower()
-        stem = new
+from .sanitize import clean_notebook, md_escape, to_html
+from .score import build_exec, feedback_notebook, merge, score_cells
+from .tamper import scan_submission, shadowing_files, summary
 
 
 def select(files: dict[str, bytes], nb_name: str, cells: list[dict]) -> tuple[str | None, list[dict]]:
@@ -49,7 +41,7 @@ def select(files: dict[str, bytes], nb_name: str, cells: list[dict]) -> tuple[st
         scored.sort(reverse=True)
         if named:
             pick = named[0]
-        elif scored and scored[0][0] >= 0.3:
+        elif scored and scored[0][0] >= CONTENT_MATCH:
             pick = scored[0][1]
         if pick:
             notes.append({"code": "renamed", "notebook": nb_name, "detail": f"graded {pick} as {nb_name}.ipynb"})
@@ -67,8 +59,19 @@ def _header(student, assignment, nb_name, scores, flags) -> str:
              f"Autograded score: **{auto:g} / {auto_max:g}**" + (f"; {manual:g} more points graded by hand" if manual
                                                                  else "")]
     if flags:
-        lines.append("Notes from the grader: " + "; ".join(f"{f['code']} ({f['detail']})" for f in flags))
+        lines.append("Notes from the grader: " + "; ".join(f"{f['code']} ({md_escape(f['detail'])})" for f in flags))
     return "\n\n".join(lines)
+
+
+def _visible(nb, by_id: dict):
+    """The graded notebook as the learner may see it (released test and read-only cells): the copy in the
+    kernel's working folder, which learner code can read."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        rel = by_id.get(cell.metadata.get("nbgrader", {}).get("grade_id"))
+        if rel and rel["kind"] in ("test", "locked"):
+            cell.source = rel["source"]
+    return nb
 
 
 def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: str) -> dict:
@@ -95,24 +98,35 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     out["flags"] += flags
     exec_nb, where = build_exec(cells, by_id, options.get("params", {}))
     files = {k: v for k, v in sub["files"].items() if ".ipynb_checkpoints" not in k and k != pick}
+    released_code = {r["source"] for r in rels if r["cell_type"] == "code"}
+    learner_code = [(None if c.source in released_code else k + 1, c.source) for k, c in enumerate(cells)
+                    if c.cell_type == "code" and by_id.get(c.metadata.get("nbgrader", {}).get("grade_id"), {})
+                    .get("kind") not in ("test", "locked")]
+    hits = scan_submission(learner_code, files, sorted(released_code))
+    if hits:
+        out["flags"].append(flag("suspicious_code", nbspec["name"], summary(hits)))
+    for name in shadowing_files(files):
+        del files[name]
     files.update(spec["files"])
     released = nbformat.reads(nbspec["released"], as_version=4)
     graded_nb = nbformat.v4.new_notebook(metadata=released.metadata, cells=cells)
-    files[f"{nbspec['name']}.ipynb"] = nbformat.writes(graded_nb).encode()
+    files[f"{nbspec['name']}.ipynb"] = nbformat.writes(_visible(graded_nb, by_id)).encode()  # no hidden test
     run = execute_notebook(exec_nb, files, level=level, limits=Limits(**options.get("limits", {})),
-                           scratch=options.get("scratch"), hide=options.get("hide", ()))
+                           scratch=options.get("scratch"),
+                           quiet=[k for k, (_, hidden) in enumerate(where) if hidden])
     info = merge(cells, exec_nb, where, run["statuses"])
     scores = score_cells(cells, info, by_id)
     for kind, index in dict.fromkeys(run["events"]):
-        out["flags"].append({"code": kind, "notebook": nbspec["name"],
-                             "detail": f"at cell {where[index][0] + 1}" if index >= 0 else ""})
-    hits = suspicious(cells, by_id, {r["source"] for r in rels})
-    if hits:
-        out["flags"].append({"code": "suspicious_code", "notebook": nbspec["name"],
-                             "detail": "uses " + ", ".join(sorted(set(hits)))})
+        detail = f"at cell {where[index][0] + 1}" if index >= 0 else ""
+        if kind == "limit_exceeded":
+            detail = run["kernel_log"].split("\n", 1)[0].removeprefix("sandbox: ")
+        out["flags"].append(flag(kind, nbspec["name"], detail))
     graded_nb.cells = cells
     header = _header(sub["student"], sub["assignment"], nbspec["name"], scores, out["flags"])
-    feedback = feedback_notebook(cells, info, by_id, scores, header) if options.get("feedback", True) else None
+    released_md = {r["source"] for r in rels if r["cell_type"] == "markdown"}
+    feedback = feedback_notebook(cells, info, by_id, scores, header, released_md) if options.get("feedback", True) \
+        else None
+    graded_nb = clean_notebook(graded_nb, lambda c: c.source not in released_md)  # formgrader renders it
     return dict(out, cells=scores, status="graded", seconds=run["seconds"], events=run["events"],
                 kernel_log=run["kernel_log"],
                 autograded=nbformat.writes(graded_nb), feedback_html=to_html(feedback) if feedback else None)
@@ -126,6 +140,8 @@ def grade_one(spec: dict, sub: dict, options: dict) -> dict:
     try:
         level = probe_isolation(options.get("isolation", "auto"))
         result["isolation"] = level
+        if level != "full" and not options.get("unsafe"):
+            raise RuntimeError(f"this worker's sandbox is {level!r}, not 'full', and unsafe was not allowed")
         for nbspec in spec["notebooks"]:
             result["notebooks"].append(grade_notebook(nbspec, sub, spec, options, level))
         statuses = {nb["status"] for nb in result["notebooks"]}
