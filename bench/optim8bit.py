@@ -29,15 +29,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from timing import interleaved, print_rows, setup_cpu  # noqa: E402
 
 from course_lib.optim8bit import AdamW8bit  # noqa: E402
-from course_lib.train import optimizer_state_bytes  # noqa: E402
+from course_lib.optimizers import optimizer_state_bytes  # noqa: E402
 
 SEED, LR, WD = 0, 1e-3, 1e-2
 STATE_TARGET, CPU_SPEED_TARGET = 0.27, 1.00
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer state (bitsandbytes' shared code maps included: 2 KB)."""
-    return optimizer_state_bytes(opt)
 
 
 def _bnb():
@@ -89,7 +84,7 @@ def _bench_size(millions: int, device, env: dict, rounds: int, kinds: list[str],
     iters = 20 if cuda else max(1, 8 // millions)
     tm = interleaved(steps, rounds, iters, env["sync"], env["clock"], warmup=1)
     t = tm.best
-    state = {k: _state_bytes(o) for k, o in opts.items()}
+    state = {k: optimizer_state_bytes(o) for k, o in opts.items()}  # bitsandbytes' shared code maps count: 2 KB
     n = side * side
     ms = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items())
     tag = f"{millions}M"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -30,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from .progress import Progress, progress_enabled
 
 __all__ = ["LRFinderResult", "lr_range_test", "SUGGESTION_KINDS"]
 
@@ -184,7 +185,8 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, l
         diverge_factor: stop when the smoothed loss exceeds this multiple of its best value (> 1; ``math.inf``
             never stops on size, only on a non-finite loss).
         device: where batches are moved; None: the device of the model's first parameter (the model is not moved).
-        progress: tqdm bar over steps (None: on unless the environment sets ``COURSE_PROGRESS=0``).
+        progress: a tqdm bar over steps, replaced by a one-line summary at the end (``course_lib.progress``;
+            None: on unless the environment sets ``COURSE_PROGRESS=0``; off, nothing is printed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -209,17 +211,12 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, l
     if first.device != device:
         raise ValueError(f"model is on {first.device} but device={device}: move the model with model.to(device) "
                          "first, or leave device=None")
-    if progress is None:
-        progress = os.environ.get("COURSE_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-    from tqdm.auto import tqdm
-
     result = LRFinderResult()
     ratio = end_lr / start_lr
     snap = _snapshot(model, optimizer, loader, device)
     batches = _batches(loader)
     avg, best = 0.0, math.inf
-    bar = tqdm(total=num_steps, desc="LR range test", unit="step", leave=False, disable=not progress)
+    bar = Progress(progress_enabled(progress), total=num_steps, desc="LR range test", unit="step")
     try:
         model.train()
         for i in range(num_steps):
@@ -239,12 +236,14 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, l
             result.lrs.append(lr)
             result.raw_losses.append(raw)
             result.losses.append(smoothed)
-            bar.update(1)
+            bar.update()
             if not math.isfinite(smoothed) or smoothed > diverge_factor * best:
                 result.stopped_early = True
                 break
             best = min(best, smoothed)
     finally:
-        bar.close()
+        last = result.lrs[-1] if result.lrs else start_lr
+        bar.close(f"LR range test: {len(result.lrs)} steps, lr {start_lr:g} to {last:.3g}"
+                  + ("; stopped early: the loss diverged" if result.stopped_early else ""))
         _restore(model, optimizer, snap)
     return result

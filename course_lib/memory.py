@@ -21,24 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train import optimizer_state_bytes
+from .optimizers import check_name, optimizer_state_bytes
 
 __all__ = [
-    "OPTIMIZER_NAMES", "STEP_BYTES", "optimizer_state_bytes_per_param", "tensor_state_bytes", "predict_memory",
-    "measure_optimizer_state", "measure_activation_bytes", "measure_training_step", "memory_table",
-    "fits_budget", "choose_levers", "human_bytes",
+    "STEP_BYTES", "optimizer_state_bytes_per_param", "tensor_state_bytes", "predict_memory", "optimizer_state_bytes",
+    "measure_activation_bytes", "measure_training_step", "memory_table", "fits_budget", "choose_levers",
+    "human_bytes",
 ]
 
-OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "adam", "adamw", "adamw8bit", "adafactor")
 STEP_BYTES = 4
 """torch's Adam, AdamW and Adafactor keep ``state["step"]`` as a float32 scalar tensor per parameter tensor."""
 PARTS = ("weights", "grads", "optimizer", "activations", "total")
-
-
-def _check_name(name) -> str:
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {name!r}")
-    return name
 
 
 def _itemsize(dtype, arg: str) -> int:
@@ -65,7 +58,7 @@ def optimizer_state_bytes_per_param(name: str, dtype: torch.dtype = torch.float3
     ``adafactor`` has no per-element figure: its factored second moment stores one number per row plus one
     per column of each matrix, so the bytes depend on shapes. Use ``tensor_state_bytes`` for it.
     """
-    _check_name(name)
+    check_name(name)
     size = _itemsize(dtype, "dtype")
     _check_8bit(block_size, 0)
     if name == "adafactor":
@@ -92,7 +85,7 @@ def tensor_state_bytes(name: str, shape, dtype: torch.dtype = torch.float32, *, 
       otherwise float32 moments, ``8 n``. Its ``step`` is a Python int and its two 256-entry code maps
       are shared tables, so neither counts as state.
     """
-    _check_name(name)
+    check_name(name)
     s = _itemsize(dtype, "dtype")
     _check_8bit(block_size, min_8bit_size)
     shape = tuple(int(d) for d in shape)
@@ -130,7 +123,7 @@ def predict_memory(model: nn.Module, optimizer: str = "adamw", *, weight_dtype: 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_name(optimizer)
+    check_name(optimizer)
     _check_8bit(block_size, min_8bit_size)
     if weight_dtype is not None:
         _itemsize(weight_dtype, "weight_dtype")
@@ -151,13 +144,6 @@ def predict_memory(model: nn.Module, optimizer: str = "adamw", *, weight_dtype: 
     out["activations"] = activation_bytes
     out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
     return out
-
-
-def measure_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the state tensors an optimizer holds now (0 before its first step)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer_state_bytes(optimizer)
 
 
 class _SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):

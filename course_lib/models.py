@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MLP", "TinyTransformer", "Attention", "TransformerBlock"]
+__all__ = ["MLP", "TinyTransformer", "PROJECTIONS", "Attention", "TransformerBlock"]
 
 
 class _Checkpointable(nn.Module):
@@ -96,6 +96,10 @@ class TransformerBlock(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.drop(self.attn(self.norm1(h)))
         return h + self.drop(self.down_proj(F.gelu(self.up_proj(self.norm2(h)))))
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+"""The six ``nn.Linear`` names of every ``TinyTransformer`` block, as in an LLM: LoRA on "all projections"."""
 
 
 class TinyTransformer(_Checkpointable):

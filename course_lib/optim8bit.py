@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from .optimizers import optimizer_state_bytes
+
 __all__ = ["AdamW8bit", "dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
 
 
@@ -235,8 +237,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state: every tensor in ``self.state`` (codes, absmax, fp32 moments)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values()
-                   for t in s.values() if isinstance(t, torch.Tensor))
+        return optimizer_state_bytes(self)
 
     def load_state_dict(self, state_dict) -> None:
         """Like torch's, but every state tensor keeps its dtype (the base class would cast uint8 codes

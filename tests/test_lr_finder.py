@@ -133,6 +133,16 @@ def test_sweep_is_exponential_and_monotone():
     assert np.all(np.isfinite(res.raw_losses)) and len(res.raw_losses) == len(res.losses) == 51
 
 
+def test_progress_leaves_one_summary_line(capsys):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    lr_range_test(model, opt, F.cross_entropy, _loader(), start_lr=1e-4, end_lr=1e-2, num_steps=5,
+                  diverge_factor=math.inf, progress=True)
+    assert capsys.readouterr().out == "LR range test: 5 steps, lr 0.0001 to 0.01\n"
+    lr_range_test(model, opt, F.cross_entropy, _loader(), num_steps=5, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_smoothing_and_first_raw_loss():
     x, y = _data()
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]  # a plain list works as a loader

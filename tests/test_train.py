@@ -9,7 +9,7 @@ from course_lib import seed_everything
 from course_lib.checkpoint import BestCheckpoint
 from course_lib.data import TensorLoader, digits_split, make_loaders
 from course_lib.models import MLP
-from course_lib.train import History, evaluate, fit
+from course_lib.train import History, TrainingDiverged, evaluate, fit
 
 
 def _run(seed=0, epochs=4, **kw):
@@ -120,9 +120,48 @@ def test_nonfinite_loss_stops_loudly_and_keeps_history():
     seed_everything(0)
     split = digits_split(0, n_train=100)
     tr, va, _ = make_loaders(split, 32)
-    with pytest.raises(FloatingPointError, match=r"step 1 \(epoch 1.*lr=") as info:
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(epoch 1, batch 1\) with lr=0.001") as info:
         fit(MLP(hidden=(16,)), tr, va, epochs=2, loss_fn=bad_loss, device="cpu")
-    assert isinstance(info.value.history, History)
+    err = info.value
+    assert isinstance(err, FloatingPointError) and (err.step, err.epoch, err.lr) == (1, 1, 1e-3)
+    assert isinstance(err.history, History) and len(err.history) == 0
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))  # crosses process boundaries (parallel searches) intact
+    assert str(again) == str(err) and again.step == 1 and isinstance(again.history, History)
+
+
+def test_divergence_after_some_epochs_keeps_them():
+    def nan_in_epoch_3(history, model):
+        if len(history) == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+
+    with pytest.raises(TrainingDiverged, match=r"step 15 \(epoch 3, batch 1\)") as info:
+        _run(epochs=4, callbacks=[nan_in_epoch_3])
+    history = info.value.history
+    assert [r["epoch"] for r in history] == [1, 2] and len(history.steps) == 14
+
+
+def test_lr_or_weight_decay_with_an_optimizer_object_is_refused():
+    split = digits_split(0, n_train=50)
+    tr, va, _ = make_loaders(split, 16)
+    model = MLP(hidden=(8,))
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    for kw in (dict(lr=1e-3), dict(weight_decay=0.01), dict(lr=1e-2, weight_decay=0.0)):
+        with pytest.raises(ValueError, match=r"together with an optimizer object.*lr=0.01, weight_decay=0"):
+            fit(model, tr, va, epochs=1, optimizer=opt, device="cpu", **kw)
+    assert fit(model, tr, va, epochs=1, optimizer=opt, device="cpu", progress=False).final_epoch == 1
+
+
+def test_progress_ends_in_one_summary_line_and_is_silent_when_off(capsys, monkeypatch):
+    _run(epochs=2, name="demo", progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("demo: 2 epochs, kept epoch ") and "val_loss" in lines[0]
+    monkeypatch.setenv("COURSE_PROGRESS", "0")
+    _run(epochs=2, name="quiet")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
 
 
 def test_early_stopping_with_patience():
@@ -178,3 +217,28 @@ def test_clipping_really_scales_the_update():
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
     assert h.steps[0]["clipped"] and h.steps[0]["grad_norm"] > 0.01
     assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_kept_row_is_the_best_epoch_row_not_the_last():
+    h = History([{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.7}])
+    h.best_epoch = 2
+    assert h.kept_row() == {"epoch": 2, "val_acc": 0.9} and h.kept("val_acc") == 0.9
+    with pytest.raises(KeyError, match="'val_loss' is not in the history"):
+        h.kept("val_loss")
+    h.best_epoch = None
+    with pytest.raises(ValueError, match="no best epoch"):
+        h.kept_row()
+    _, run, _, _ = _run(epochs=3, checkpoint=BestCheckpoint("val_acc", "max"))
+    assert run.kept("val_acc") == run.best_value and run.kept_row()["epoch"] == run.best_epoch
+
+
+def test_optimizer_names_mean_one_thing():
+    from course_lib.optimizers import OPTIMIZERS, make_optimizer
+
+    params = [nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(params, "sgd", lr=0.1).defaults["momentum"] == 0
+    assert make_optimizer(params, "sgd_momentum", lr=0.1).defaults["momentum"] == 0.9
+    assert make_optimizer(params, "adafactor", lr=0.01, weight_decay=0.01).defaults["weight_decay"] == 0.01
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'sgd_momentum'.*'lion'"):
+        make_optimizer(params, "lion", lr=0.1)
+    assert list(OPTIMIZERS) == ["sgd", "sgd_momentum", "adam", "adamw", "adamw8bit", "adafactor"]

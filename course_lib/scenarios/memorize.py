@@ -31,6 +31,7 @@ from ..data import digits_split, make_loaders
 from ..models import MLP
 from ..runtime import seed_everything
 from ..train import History, evaluate, fit
+from . import by_mode
 
 __all__ = ["MEMORIZE", "RUNS", "COMPARE_WD", "NOISY", "compare_epochs", "noisy_epochs", "make_memorize_run",
            "memorization_evidence", "is_memorizing", "eval_mode_gap", "evaluate_train_mode",
@@ -45,7 +46,7 @@ RUNS = {
     "wd_dropout": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.5, "dropout": 0.3},
     "adamw_same_wd": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1, "dropout": 0.0},
     "adam_l2": {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.1, "dropout": 0.0},
-    "sgd_momentum": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "dropout": 0.0},
+    "sgd_momentum": {"optimizer": "sgd_momentum", "lr": 0.1, "weight_decay": 0.0, "dropout": 0.0},
 }
 """Each arm of notebook 01: ``optimizer``, ``lr`` and ``weight_decay`` go to ``fit``, ``dropout`` to the MLP."""
 
@@ -59,12 +60,12 @@ NOISY = {"label_noise": 0.2, "hidden": (512,), "batch_size": 32, "lr": 3e-3, "op
 
 def compare_epochs(fast: bool) -> int:
     """Epochs of the AdamW-vs-Adam+L2 pair: the collapse of Adam + L2 is plain after 30 epochs (fast mode)."""
-    return 30 if fast else MEMORIZE["epochs"]
+    return by_mode(fast, fast=30, full=MEMORIZE["epochs"])
 
 
 def noisy_epochs(fast: bool) -> int:
     """Epochs of the noisy-label run: 30 in fast mode, 60 otherwise (the best epoch is 6-15 on seeds 0-4)."""
-    return NOISY["fast_epochs"] if fast else NOISY["epochs"]
+    return by_mode(fast, fast=NOISY["fast_epochs"], full=NOISY["epochs"])
 
 
 def make_memorize_run(seed: int, dropout: float = 0.0):

@@ -3,9 +3,10 @@
 Two stories, both shown in the notebook with these constants:
 
 * **Training runs** (``RUNS``): the MLP of notebook 00 on digits, 1,024 training images so that every batch of 64
-  and every micro-batch of 16 is full. One change each from plain AdamW: 8-bit AdamW state, torch's Adafactor,
-  gradient accumulation (4 micro-batches of 16), bf16 autocast, activation checkpointing. The memory levers
-  should cost (almost) nothing in accuracy; ``run(seed, fast)`` returns that evidence.
+  and every micro-batch of 16 is full. One change each from plain AdamW: 8-bit AdamW state, torch's Adafactor
+  (at its own default LR), gradient accumulation (4 micro-batches of 16), bf16 autocast,
+  activation checkpointing. The memory levers should cost (almost) nothing in accuracy; ``run(seed, fast)``
+  returns that evidence.
 * **The budget decision** (``BUDGET``, ``LEVERS``, ``LEVER_SETUPS``): a TinyTransformer whose weights, gradients
   and AdamW state (16 bytes per parameter) alone exceed the budget, so the activation levers (checkpointing,
   a smaller micro-batch) cannot make it fit however well they work; the smallest lever that fits is the 8-bit
@@ -24,10 +25,11 @@ from torch import nn
 from ..data import digits_split, make_loaders
 from ..lora import add_lora
 from ..memory import choose_levers, measure_activation_bytes, predict_memory
-from ..models import MLP, TinyTransformer
+from ..models import MLP, PROJECTIONS, TinyTransformer
 from ..optim8bit import dequantize_blockwise, quantize_blockwise
 from ..runtime import seed_everything
 from ..train import fit
+from . import by_mode
 
 __all__ = ["MODEL", "N_TRAIN", "BATCH_SIZE", "BASE", "RUNS", "ADAFACTOR_LR", "epochs", "split_for", "train_arm",
            "MEMORY_MODEL", "MEMORY_BATCH", "ACTIVATION_BATCH", "LLM", "LORA_TARGETS", "LLM_LORA",
@@ -48,17 +50,16 @@ ADAFACTOR_LR = 1e-2
 RUNS = {
     "adamw": {},
     "adamw8bit": {"optimizer": "adamw8bit"},
-    "adafactor": {"optimizer": "adafactor", "lr": ADAFACTOR_LR},  # built as torch.optim.Adafactor (see train_arm)
+    "adafactor": {"optimizer": "adafactor", "lr": ADAFACTOR_LR},  # BASE's weight decay, decoupled as in AdamW
     "accum_4x16": {"batch_size": 16, "grad_accum_steps": 4},
     "autocast": {"precision": "bf16"},  # the notebook picks bf16 or fp16 for its device
     "checkpointing": {"activation_checkpointing": True},
 }
-_EPOCHS = {True: 10, False: 30}
 
 
 def epochs(fast: bool) -> int:
     """Epochs per run: 10 in fast mode (160 optimizer steps), 30 otherwise."""
-    return _EPOCHS[bool(fast)]
+    return by_mode(fast, fast=10, full=30)
 
 
 def split_for(seed: int):
@@ -69,8 +70,8 @@ def split_for(seed: int):
 def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", **override):
     """Train ``MLP(**MODEL)`` with ``BASE | RUNS[arm] | override``; returns ``(history, model)``.
 
-    Same initial weights (``seed_everything(seed)`` first) and same batch order for every arm. The name
-    ``"adafactor"`` is not one of fit's optimizer names: it is built here as ``torch.optim.Adafactor``.
+    Same initial weights (``seed_everything(seed)`` first) and same batch order for every arm; ``fit`` builds
+    the optimizer by name (``course_lib.optimizers.OPTIMIZERS``).
     """
     if arm not in RUNS:
         raise ValueError(f"arm must be one of {tuple(RUNS)}, got {arm!r}")
@@ -78,8 +79,6 @@ def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", **overrid
     seed_everything(seed)
     model = MLP(**MODEL)
     train_loader, val_loader, _ = make_loaders(split, cfg.pop("batch_size"), seed=seed)
-    if cfg["optimizer"] == "adafactor":
-        cfg["optimizer"] = torch.optim.Adafactor(model.parameters(), lr=cfg["lr"])
     history = fit(model, train_loader, val_loader, epochs=epochs(fast), device=device, name=arm,
                   split_hash=split.split_hash, progress=False, **cfg)
     return history, model
@@ -94,7 +93,7 @@ ACTIVATION_BATCH = 256
 low-precision weight copies, dominate the saved tensors."""
 LLM = {"d_model": 4096, "n_heads": 32, "n_layers": 32}
 """A 6.4-billion-parameter TinyTransformer, built on the meta device only (no memory)."""
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+LORA_TARGETS = PROJECTIONS
 LLM_LORA = {"target_modules": LORA_TARGETS, "r": 16, "alpha": 32, "train_modules": ("head",)}
 
 # --- the budget decision --------------------------------------------------------------------------
@@ -208,8 +207,7 @@ def run(seed: int = 0, fast: bool = True, arms=("adamw", "adamw8bit", "accum_4x1
     for arm in arms:
         history, _ = train_arm(arm, split, seed=seed, fast=fast)
         histories[arm] = history
-        kept = next(r for r in history if r["epoch"] == history.best_epoch)
-        runs[arm] = {"final_val_acc": history[-1]["val_acc"], "kept_val_acc": kept["val_acc"],
+        runs[arm] = {"final_val_acc": history[-1]["val_acc"], "kept_val_acc": history.kept("val_acc"),
                      "best_val_loss": history.best_value, "state_bytes": history.optimizer_state_bytes}
     diff = None
     if "adamw" in histories and "accum_4x16" in histories:
