@@ -37,13 +37,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from timing import interleaved, print_rows, setup_cpu  # noqa: E402
 
 from course_lib.lora import add_lora, lora_layers, merge_lora  # noqa: E402
-from course_lib.models import TinyTransformer  # noqa: E402
-from course_lib.train import optimizer_state_bytes  # noqa: E402
+from course_lib.models import PROJECTIONS, TinyTransformer  # noqa: E402
+from course_lib.optimizers import optimizer_state_bytes  # noqa: E402
 
 SEED, R, ALPHA = 0, 8, 16
 SIZES = {"cpu": dict(width=1024, blocks=4, tokens=512), "gpu": dict(width=4096, blocks=8, tokens=8192)}
 TINY, TINY_BATCH = dict(d_model=256, n_heads=4, n_layers=4), {"cpu": 16, "gpu": 256}
-TINY_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 MERGE_TOL, GPU_TARGET, CPU_TARGET = 0.03, 0.80, 1.00
 
 
@@ -89,7 +88,7 @@ def _cases(device: torch.device, size: str, dtype: torch.dtype) -> list[Case]:
 
     return [
         Case("tiny", f"TinyTransformer d{TINY['d_model']} x{TINY['n_layers']}, batch {b} x 17 tok", tiny,
-             TINY_TARGETS, ("head",), images, lambda out: F.cross_entropy(out.float(), labels).backward()),
+             PROJECTIONS, ("head",), images, lambda out: F.cross_entropy(out.float(), labels).backward()),
         Case("stack", f"stack {s['blocks']}x2 Linear {s['width']}, {s['tokens']} tok", stack, ("fc1", "fc2"), (),
              tokens, lambda out: out.backward(gout)),
     ]

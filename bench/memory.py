@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from course_lib.freezing import unfreeze_top_k
 from course_lib.lora import add_lora
 from course_lib.memory import human_bytes, measure_training_step, predict_memory
-from course_lib.models import TinyTransformer
+from course_lib.models import PROJECTIONS, TinyTransformer
 from course_lib.optim8bit import AdamW8bit
 
 D_MODEL, N_HEADS, N_LAYERS, BATCH, SEED = 256, 4, 4, 64, 0
 TOLERANCE = 0.05
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
 
 def _model() -> TinyTransformer:
@@ -49,7 +48,7 @@ def _configs():
 
     def lora():
         m = _model()
-        add_lora(m, LORA_TARGETS, r=8, alpha=16, train_modules="head")
+        add_lora(m, PROJECTIONS, r=8, alpha=16, train_modules="head")
         return m
 
     def checkpointed():

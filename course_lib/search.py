@@ -11,16 +11,18 @@ not comparable. Each trial becomes one row:
 (what a naive "lowest training loss" pick would look at). The configs are chosen on a ``val_*`` column with
 ``select_best``; the test split is touched once, for the chosen config only, after the search.
 
-Random search samples each hyper-parameter independently: a list means "pick one uniformly", ``LogUniform``
-means ``exp(U(log low, log high))`` (every decade equally likely, the right prior for learning rates and
-weight decay: ``U(1e-4, 1e-1)`` would put 90% of the trials above 1e-2), ``Uniform`` means ``U(low, high)``.
+Random search (``run_trials(train_fn, sample_configs(space, n_trials, seed))``) samples each hyper-parameter
+independently: a list means "pick one uniformly", ``LogUniform`` means ``exp(U(log low, log high))`` (every
+decade equally likely, the right prior for learning rates and weight decay: ``U(1e-4, 1e-1)`` would put 90% of
+the trials above 1e-2), ``Uniform`` means ``U(low, high)``.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ import pandas as pd
 from .compare import check_comparable
 
 __all__ = ["LogUniform", "Uniform", "grid", "log_uniform", "sample_configs", "run_trials", "grid_search",
-           "random_search", "select_best", "train_val_disagreement"]
+           "select_best", "train_val_disagreement"]
 
 RESULT_COLUMNS = ("status", "best_epoch", "epochs", "train_loss", "val_loss", "val_acc", "trainable_params", "seconds")
 
@@ -45,16 +47,21 @@ def _check_range(low, high, *, positive: bool) -> None:
 
 @dataclass(frozen=True)
 class LogUniform:
-    """``exp(U(log low, log high))``: every decade in ``[low, high]`` equally likely (``0 < low < high``)."""
+    """``exp(U(log low, log high))``: every decade in ``[low, high]`` equally likely (``0 < low < high``).
+
+    ``sampler(low, high, size, rng)`` draws the samples (default ``log_uniform``), e.g. a learner's own version.
+    """
 
     low: float
     high: float
+    sampler: Callable | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         _check_range(self.low, self.high, positive=True)
 
     def sample(self, rng: np.random.Generator) -> float:
-        return float(log_uniform(self.low, self.high, 1, rng)[0])
+        draw = log_uniform if self.sampler is None else self.sampler
+        return float(draw(self.low, self.high, 1, rng)[0])
 
 
 @dataclass(frozen=True)
@@ -129,10 +136,9 @@ def sample_configs(space: dict, n_trials: int, seed: int = 0) -> list[dict]:
 
 
 def _row(history) -> dict:
-    frame = history.to_frame()
-    kept = frame.loc[frame["epoch"] == history.best_epoch].iloc[0]
-    return {"status": "ok", "best_epoch": int(history.best_epoch), "epochs": int(frame["epoch"].iloc[-1]),
-            "train_loss": float(frame["train_loss"].iloc[-1]), "val_loss": float(kept["val_loss"]),
+    kept, last = history.kept_row(), history[-1]
+    return {"status": "ok", "best_epoch": int(history.best_epoch), "epochs": int(last["epoch"]),
+            "train_loss": float(last["train_loss"]), "val_loss": float(kept["val_loss"]),
             "val_acc": float(kept["val_acc"]) if "val_acc" in kept else math.nan,
             "trainable_params": history.trainable_params, "seconds": history.seconds}
 
@@ -140,10 +146,11 @@ def _row(history) -> dict:
 def run_trials(train_fn, configs, *, histories: dict | None = None, first_trial: int = 0) -> pd.DataFrame:
     """Train every config with ``train_fn(config) -> History`` and return one row per trial (see module doc).
 
-    A trial whose loss becomes non-finite (``FloatingPointError`` from ``fit``) is kept as ``status="diverged"``
-    with NaN scores, so a too-high LR shows up in the table instead of stopping the search. Pass a dict as
-    ``histories`` to receive ``{trial: History}``. ``results.attrs`` holds the shared ``rule`` and ``split_hash``.
-    Trials are numbered from ``first_trial``, so the tables of two searches can be concatenated (``pd.concat``).
+    A trial whose loss becomes non-finite (``TrainingDiverged``, a ``FloatingPointError``, from ``fit``) is kept
+    as ``status="diverged"`` with NaN scores, so a too-high LR shows up in the table instead of stopping the
+    search. Pass a dict as ``histories`` to receive ``{trial: History}``. ``results.attrs`` holds the shared
+    ``rule`` and ``split_hash``. Trials are numbered from ``first_trial``, so the tables of two searches can be
+    concatenated (``pd.concat``).
     """
     if not callable(train_fn):
         raise TypeError(f"train_fn must be callable as train_fn(config) -> History, got {type(train_fn).__name__}")
@@ -164,7 +171,7 @@ def run_trials(train_fn, configs, *, histories: dict | None = None, first_trial:
                          "train_loss": math.nan, "val_loss": math.nan, "val_acc": math.nan,
                          "trainable_params": None, "seconds": time.perf_counter() - t0})
             continue
-        if not hasattr(history, "best_epoch") or not hasattr(history, "to_frame"):
+        if not hasattr(history, "best_epoch") or not hasattr(history, "kept_row"):
             raise TypeError(f"train_fn must return the History of course_lib.train.fit, got {type(history).__name__}")
         kept[trial] = history
         rows.append({"trial": trial, **config, **_row(history)})
@@ -179,12 +186,6 @@ def run_trials(train_fn, configs, *, histories: dict | None = None, first_trial:
 def grid_search(train_fn, space: dict, *, histories: dict | None = None, first_trial: int = 0) -> pd.DataFrame:
     """``run_trials`` over ``grid(space)``."""
     return run_trials(train_fn, grid(space), histories=histories, first_trial=first_trial)
-
-
-def random_search(train_fn, space: dict, n_trials: int, *, seed: int = 0, histories: dict | None = None,
-                  first_trial: int = 0) -> pd.DataFrame:
-    """``run_trials`` over ``sample_configs(space, n_trials, seed)``."""
-    return run_trials(train_fn, sample_configs(space, n_trials, seed), histories=histories, first_trial=first_trial)
 
 
 def select_best(results: pd.DataFrame, metric: str = "val_loss", mode: str = "min") -> pd.Series:

@@ -46,6 +46,11 @@ def test_device_and_fast_mode(monkeypatch):
     monkeypatch.setenv("COURSE_FAST", "maybe")
     with pytest.raises(ValueError, match="COURSE_FAST"):
         is_fast()
+    from course_lib.scenarios import by_mode
+
+    assert by_mode(True, fast=20, full=40) == 20 and by_mode(False, **{"fast": 20, "full": 40}) == 40
+    with pytest.raises(TypeError, match="fast_mode must be a bool"):
+        by_mode("0", fast=20, full=40)  # a string from the environment: parse it with is_fast first
 
 
 def test_digits_split_fixed_per_seed_and_disjoint():
@@ -105,6 +110,10 @@ def test_models_shapes_and_contract_names():
     assert tok(torch.randint(0, 7, (2, 12))).shape == (2, 3)
     with pytest.raises(ValueError, match="divisible"):
         TinyTransformer(d_model=30, n_heads=4)
+    from course_lib.models import PROJECTIONS
+
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(PROJECTIONS) == linear_names - {"embed", "head"} and len(PROJECTIONS) == 6
 
 
 def test_meta_device_llm_size_count():

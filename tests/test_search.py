@@ -13,7 +13,6 @@ from course_lib.search import (
     grid,
     grid_search,
     log_uniform,
-    random_search,
     run_trials,
     sample_configs,
     select_best,
@@ -120,8 +119,8 @@ def test_run_trials_refuses_trials_under_different_rules_or_splits():
 
 def test_random_search_runs_sampled_configs():
     seen = []
-    results = random_search(lambda c: seen.append(c) or fake_history([c["lr"]], [0.1]), {"lr": LogUniform(1e-3, 1.0)},
-                            4, seed=0)
+    configs = sample_configs({"lr": LogUniform(1e-3, 1.0)}, 4, seed=0)
+    results = run_trials(lambda c: seen.append(c) or fake_history([c["lr"]], [0.1]), configs)
     assert len(results) == 4 and [c["lr"] for c in seen] == list(results["lr"])
     assert select_best(results, "val_loss", "min")["lr"] == min(c["lr"] for c in seen)
 
@@ -158,3 +157,18 @@ def test_train_val_disagreement_flags_the_trap():
     assert trap["lowest_train_loss"] == 2 and trap["best_val"] == 1 and math.isclose(trap["val_cost"], 0.15)
     agree = table().assign(train_loss=[0.2, 0.001, 0.01, math.nan])
     assert train_val_disagreement(agree, "val_loss", "min") is None
+
+
+def test_log_uniform_takes_a_sampler_and_the_scenario_draws_through_sample_configs():
+    from course_lib.scenarios.search import RANDOM_LR, random_configs
+
+    calls = []
+
+    def mine(low, high, size, rng):
+        calls.append((low, high, size))
+        return log_uniform(low, high, size, rng)
+
+    assert LogUniform(1e-3, 1.0, sampler=mine) == LogUniform(1e-3, 1.0)  # the sampler is not part of the value
+    ours, theirs = random_configs(5, seed=3, sampler=mine), random_configs(5, seed=3)
+    assert ours == theirs and calls == [(*RANDOM_LR, 1)] * 5
+    assert all(c["weight_decay"] in (0.0, 0.5) and 0 <= c["dropout"] <= 0.5 for c in ours)

@@ -116,9 +116,7 @@ def dead_relu_fraction(model: nn.Module, X: torch.Tensor) -> float:
 
 def kept_val_acc(history) -> float:
     """Validation accuracy of the checkpoint kept under the run's rule (the row of ``history.best_epoch``)."""
-    if history.best_epoch is None:
-        raise ValueError("history has no best epoch: it did not finish an epoch")
-    return float(next(r["val_acc"] for r in history if r["epoch"] == history.best_epoch))
+    return history.kept("val_acc")
 
 
 def clip_fraction(steps) -> float:

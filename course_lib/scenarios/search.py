@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pandas as pd
 
 from ..data import digits_split, make_loaders
 from ..lora import add_lora
-from ..models import MLP, TinyTransformer
+from ..models import MLP, PROJECTIONS, TinyTransformer
 from ..runtime import seed_everything
-from ..search import grid_search, log_uniform, run_trials, select_best, train_val_disagreement
+from ..search import LogUniform, Uniform, grid_search, run_trials, sample_configs, select_best, train_val_disagreement
 from ..train import evaluate, fit
+from . import by_mode
 
 __all__ = ["SPLIT", "MODEL", "BATCH_SIZE", "EPOCHS", "GRID", "LR_BATCH_GRID", "LR_BATCH_EPOCHS", "RANDOM_LR",
            "RANDOM_OTHER", "N_RANDOM", "TRANSFORMER", "SOURCE_CLASSES", "TARGET_CLASSES", "TARGET_N_TRAIN",
@@ -44,18 +44,18 @@ RANDOM_LR = (1e-4, 1e-1)
 """Random search: the LR log-uniform in this range, ..."""
 RANDOM_OTHER = {"weight_decay": [0.0, 0.5], "dropout": (0.0, 0.5)}
 """... weight decay one of the list, dropout uniform in the interval."""
-N_RANDOM = {True: 3, False: 12}
-"""Random-search trials in fast / full mode."""
+N_RANDOM = {"fast": 3, "full": 12}
+"""Random-search trials in fast / full mode: ``by_mode(fast, **N_RANDOM)``."""
 
 TRANSFORMER = {"d_model": 32, "n_heads": 4, "n_layers": 2}
 SOURCE_CLASSES = range(5)
 TARGET_CLASSES = range(5, 10)
 TARGET_N_TRAIN = 200
-PRETRAIN = {"epochs": {True: 20, False: 40}, "lr": 3e-3, "batch_size": 64, "warmup_ratio": 0.1}
-ADAPT = {"epochs": {True: 10, False: 20}, "lr": 1e-2, "batch_size": 32, "warmup_ratio": 0.1}
+PRETRAIN = {"epochs": {"fast": 20, "full": 40}, "lr": 3e-3, "batch_size": 64, "warmup_ratio": 0.1}
+ADAPT = {"epochs": {"fast": 10, "full": 20}, "lr": 1e-2, "batch_size": 32, "warmup_ratio": 0.1}
 LORA_GRID = {"targets": ["q,v", "all"], "r": [2, 8]}
 TARGET_SETS = {"q,v": ("q_proj", "v_proj"),
-               "all": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
+               "all": PROJECTIONS}
 
 
 def train_mlp(split, config: dict, seed: int, *, epochs: int = EPOCHS, device="cpu", name=None):
@@ -68,13 +68,13 @@ def train_mlp(split, config: dict, seed: int, *, epochs: int = EPOCHS, device="c
                split_hash=split.split_hash, progress=False)
 
 
-def random_configs(n_trials: int, seed: int, sampler=log_uniform) -> list[dict]:
-    """``n_trials`` configs: LR from ``sampler(low, high, n, rng)``, then weight decay and dropout per trial."""
-    rng = np.random.default_rng(seed)
-    lrs = sampler(*RANDOM_LR, n_trials, rng)
-    wds, (lo, hi) = RANDOM_OTHER["weight_decay"], RANDOM_OTHER["dropout"]
-    return [{"lr": float(lr), "weight_decay": float(wds[int(rng.integers(len(wds)))]),
-             "dropout": round(float(rng.uniform(lo, hi)), 3)} for lr in lrs]
+def random_configs(n_trials: int, seed: int, sampler=None) -> list[dict]:
+    """``n_trials`` configs from ``search.sample_configs``: LR log-uniform in ``RANDOM_LR`` (drawn with
+    ``sampler(low, high, n, rng)`` when given, e.g. the notebook's exercise), weight decay one of
+    ``RANDOM_OTHER["weight_decay"]``, dropout uniform in ``RANDOM_OTHER["dropout"]`` rounded to 3 decimals."""
+    space = {"lr": LogUniform(*RANDOM_LR, sampler=sampler), "weight_decay": RANDOM_OTHER["weight_decay"],
+             "dropout": Uniform(*RANDOM_OTHER["dropout"])}
+    return [{**config, "dropout": round(config["dropout"], 3)} for config in sample_configs(space, n_trials, seed)]
 
 
 def pretrain_source(seed: int, fast: bool = True, device="cpu"):
@@ -83,7 +83,7 @@ def pretrain_source(seed: int, fast: bool = True, device="cpu"):
     seed_everything(seed)
     train_loader, val_loader, _ = make_loaders(source, PRETRAIN["batch_size"], seed=seed)
     model = TinyTransformer(**TRANSFORMER, n_classes=len(SOURCE_CLASSES))
-    history = fit(model, train_loader, val_loader, epochs=PRETRAIN["epochs"][fast], lr=PRETRAIN["lr"],
+    history = fit(model, train_loader, val_loader, epochs=by_mode(fast, **PRETRAIN["epochs"]), lr=PRETRAIN["lr"],
                   scheduler="cosine", warmup_ratio=PRETRAIN["warmup_ratio"], device=device, name="source",
                   split_hash=source.split_hash, progress=False)
     return model, history
@@ -95,8 +95,9 @@ def adapt_lora(base, target, config: dict, seed: int, fast: bool = True, device=
     model = copy.deepcopy(base)
     add_lora(model, TARGET_SETS[config["targets"]], r=config["r"], alpha=2 * config["r"], train_modules=["head"])
     train_loader, val_loader, _ = make_loaders(target, ADAPT["batch_size"], seed=seed)
-    return fit(model, train_loader, val_loader, epochs=ADAPT["epochs"][fast], lr=ADAPT["lr"], scheduler="cosine",
-               warmup_ratio=ADAPT["warmup_ratio"], device=device, split_hash=target.split_hash, progress=False)
+    return fit(model, train_loader, val_loader, epochs=by_mode(fast, **ADAPT["epochs"]), lr=ADAPT["lr"],
+               scheduler="cosine", warmup_ratio=ADAPT["warmup_ratio"], device=device, split_hash=target.split_hash,
+               progress=False)
 
 
 def run(seed: int = 0, fast: bool = True, device="cpu", *, random: bool = True, lora: bool = True) -> dict:
@@ -110,8 +111,9 @@ def run(seed: int = 0, fast: bool = True, device="cpu", *, random: bool = True, 
     grid = grid_search(lambda c: train_mlp(split, c, seed, device=device), GRID, histories=histories)
     results = grid
     if random:
-        rand = run_trials(lambda c: train_mlp(split, c, seed, device=device), random_configs(N_RANDOM[fast], seed),
-                          histories=histories, first_trial=len(grid))
+        configs = random_configs(by_mode(fast, **N_RANDOM), seed)
+        rand = run_trials(lambda c: train_mlp(split, c, seed, device=device), configs, histories=histories,
+                          first_trial=len(grid))
         results = pd.concat([grid, rand])
     best = select_best(results, "val_loss", "min")
     model = MLP(**MODEL, dropout=float(best["dropout"]))
@@ -125,6 +127,6 @@ def run(seed: int = 0, fast: bool = True, device="cpu", *, random: bool = True, 
     if lora:
         base, source_history = pretrain_source(seed, fast, device)
         target = digits_split(seed, classes=TARGET_CLASSES, n_train=TARGET_N_TRAIN)
-        out["source_val_acc"] = max(r["val_acc"] for r in source_history)
+        out["source_val_acc"] = source_history.kept("val_acc")
         out["lora"] = grid_search(lambda c: adapt_lora(base, target, c, seed, fast, device), LORA_GRID)
     return out

@@ -34,10 +34,11 @@ from ..checkpoint import BestCheckpoint
 from ..data import Split, make_loaders
 from ..freezing import param_groups, unfreeze, unfreeze_top_k
 from ..lora import add_lora
-from ..models import TinyTransformer
+from ..models import PROJECTIONS, TinyTransformer
 from ..runtime import seed_everything
 from ..token_tasks import one_hot_features, source_task, target_task
 from ..train import History, evaluate, fit
+from . import by_mode
 
 __all__ = ["TRANSFER", "STRATEGIES", "RULE", "mode", "make_model", "prepare", "fit_kwargs", "pretrain", "adapt",
            "train_scratch", "logistic_baseline", "run"]
@@ -55,7 +56,7 @@ TRANSFER: dict = {
     "backbone_lr": {"partial_unfreeze": 1e-2, "full_finetune": 3e-3},  # pretrained weights that train
     "scratch_lr": 3e-3,
     "partial_k": 1,
-    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"), "lora_r": 4, "lora_alpha": 8,
+    "lora_targets": PROJECTIONS, "lora_r": 4, "lora_alpha": 8,
 }
 """Every setting of the scenario; the notebooks read them from here, so they and the tests agree."""
 
@@ -67,8 +68,8 @@ RULE = {"metric": "val_acc", "mode": "max"}
 
 
 def mode(fast: bool) -> str:
-    """``"fast"`` or ``"full"``: the key of ``TRANSFER``'s per-mode settings."""
-    return "fast" if fast else "full"
+    """``"fast"`` or ``"full"``: the key of ``TRANSFER``'s per-mode settings (``by_mode(fast, **table)`` reads one)."""
+    return by_mode(fast, fast="fast", full="full")
 
 
 def make_model() -> TinyTransformer:
@@ -106,7 +107,7 @@ def fit_kwargs(model: nn.Module, strategy: str, fast: bool) -> dict:
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    kwargs = {"epochs": TRANSFER["epochs"][mode(fast)], "scheduler": TRANSFER["scheduler"],
+    kwargs = {"epochs": by_mode(fast, **TRANSFER["epochs"]), "scheduler": TRANSFER["scheduler"],
               "warmup_ratio": TRANSFER["warmup_ratio"]}
     if strategy in TRANSFER["backbone_lr"]:
         groups = param_groups(model, lr=TRANSFER["lr"], backbone_lr=TRANSFER["backbone_lr"][strategy],
@@ -130,7 +131,7 @@ def pretrain(seed: int = 0, fast: bool = True, source: Split | None = None, *, d
     seed_everything(seed)
     model = make_model()
     history = _train(model, source, TRANSFER["source_batch_size"], seed, "pretrain",
-                     epochs=TRANSFER["source_epochs"][mode(fast)], optimizer="adamw", lr=TRANSFER["source_lr"],
+                     epochs=by_mode(fast, **TRANSFER["source_epochs"]), optimizer="adamw", lr=TRANSFER["source_lr"],
                      scheduler=TRANSFER["scheduler"], warmup_ratio=TRANSFER["warmup_ratio"], device=device,
                      progress=progress)
     return model, history
@@ -152,7 +153,7 @@ def train_scratch(target: Split, seed: int = 0, fast: bool = True, *, device="cp
     """The no-pretraining baseline: a fresh model trained on the target labels only, same epochs and rule."""
     seed_everything(seed + 1)
     model = make_model()
-    history = _train(model, target, TRANSFER["batch_size"], seed, "scratch", epochs=TRANSFER["epochs"][mode(fast)],
+    history = _train(model, target, TRANSFER["batch_size"], seed, "scratch", epochs=by_mode(fast, **TRANSFER["epochs"]),
                      optimizer="adamw", lr=TRANSFER["scratch_lr"], scheduler=TRANSFER["scheduler"],
                      warmup_ratio=TRANSFER["warmup_ratio"], device=device, progress=progress)
     return model, history
@@ -176,7 +177,7 @@ def logistic_baseline(target: Split) -> dict:
 
 
 def _evidence(model: nn.Module, history: History, test_loader) -> dict:
-    kept = history[history.best_epoch - 1]
+    kept = history.kept_row()
     return {"best_value": history.best_value, "best_epoch": history.best_epoch, "final_value": history[-1]["val_acc"],
             "train_acc": kept["train_acc"], "test_acc": evaluate(model, test_loader)["acc"],
             "trainable_params": history.trainable_params}
