@@ -40,28 +40,16 @@ def _check_r_alpha_dropout(r, alpha, dropout) -> None:
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + (alpha / r) * dropout(x) @ A^T @ B^T`` around a frozen ``base: nn.Linear``.
+    """``y = base(x) + (alpha / r) * dropout(x) @ A^T @ B^T`` around a frozen ``base: nn.Linear``.
 
     Shapes: input ``(*, in)`` (any leading dimensions), output ``(*, out)``; ``lora_A`` is ``(r, in)``,
-    ``lora_B`` is ``(out, r)``; both get the dtype and device of ``base.weight``.
-
-    How the forward stays cheap: ``x`` is viewed as 2-D ``(N, in)`` (``N`` = all leading dimensions) and
-    the frozen path ``base(x)`` produces a fresh ``(N, out)`` tensor. The low-rank path first makes the
-    small ``h = x A^T`` ``(N, r)`` and then adds ``h B^T`` *into that tensor in place* with one ``addmm_``
-    whose ``alpha`` argument applies ``alpha / r`` inside the matrix product. So no ``(N, out)``
-    temporary is made for the low-rank product, none for the scaling and none for the sum, in forward or
-    backward (the backward of ``addmm_`` passes the output gradient through untouched and scales only
-    ``(N, r)``- and ``(r, out)``-sized products); with ``dropout == 0`` no dropout call touches ``x``.
-    Working on the 2-D tensor itself, not on a view of a 3-D output, matters: an in-place op on a view
-    makes autograd copy the whole output gradient in backward. Autograd allows the in-place add because
-    a Linear's backward needs its input and weight, not its output. ``B^T`` enters ``addmm_`` as a small
-    row-major copy, not as the transposed view ``lora_B.t()``: for a column-major second factor autograd
-    computes the factor's gradient as ``grad^T @ h`` ``(out, N) @ (N, r)``, which ran about 5x slower on
-    CPU (MKL, N=512, out=1024, r=8) than the same numbers as ``h^T @ grad`` ``(r, N) @ (N, out)``.
+    ``lora_B`` is ``(out, r)``, both trainable, in the dtype and on the device of ``base.weight``; ``scaling``
+    is ``alpha / r``. ``A`` starts like a Linear weight (kaiming uniform, a=sqrt(5)) and ``B`` at zero, so a
+    new layer computes exactly ``base(x)``. The base weight and bias are frozen (``requires_grad=False``).
 
     Merging: ``merge()`` adds ``(alpha / r) B A`` into ``base.weight`` (in place, no grad) and sets
-    ``merged = True``; the forward is then ``base(x)`` alone. ``unmerge()`` subtracts it back (equal up to
-    rounding). The rule: ``merge()`` on a merged layer and ``unmerge()`` on an unmerged one raise
+    ``merged = True``; the forward is then ``base(x)`` alone, a plain Linear's cost. ``unmerge()`` subtracts
+    it back (equal up to rounding). ``merge()`` on a merged layer and ``unmerge()`` on an unmerged one raise
     ``RuntimeError`` (adding the update twice would silently corrupt the weight). Train unmerged: while
     merged, ``lora_A``/``lora_B`` receive no gradient.
     """
@@ -100,6 +88,13 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        # Performance. The low-rank path is added *in place* into the frozen path's output, with one addmm_
+        # whose alpha applies the scaling inside the matrix product: no (N, out) temporary for the product,
+        # the scaling or the sum, in forward or backward (addmm_'s backward passes the output gradient
+        # through untouched and scales only (N, r)- and (r, out)-sized products). Autograd allows it because
+        # a Linear's backward needs its input and weight, not its output. It works on the 2-D (N, out)
+        # tensor itself: an in-place op on a view of a 3-D output makes autograd copy the whole output
+        # gradient in backward. With dropout == 0 no dropout call touches x.
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (N, in): a free view for a contiguous x
         out = self.base(x)  # (N, out): a fresh tensor (not a view), so it can be updated in place
@@ -107,16 +102,12 @@ class LoRALinear(nn.Module):
             x = self.lora_dropout(x)
         # .to() is free when dtypes agree; under autocast base(x) and h are bf16/fp16 while B is fp32
         h = F.linear(x, self.lora_A).to(out.dtype)  # (N, r): small
-        # B^T as a row-major (r, out) copy (r * out numbers): autograd then gets B's gradient as h^T @ grad,
-        # which BLAS runs several times faster than the grad^T @ h it picks for a transposed view
+        # B^T as a row-major (r, out) copy (r * out numbers), not the transposed view lora_B.t(): for a
+        # column-major second factor autograd computes B's gradient as grad^T @ h, (out, N) @ (N, r), which
+        # ran about 5x slower on CPU (MKL, N=512, out=1024, r=8) than the same numbers as h^T @ grad
         bt = self.lora_B.t().to(out.dtype).contiguous()
         out.addmm_(h, bt, alpha=self.scaling)  # out += scaling * h B^T
         return out.view(*lead, self.out_features)
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The update ``(alpha / r) * B @ A`` with the shape of ``base.weight`` ``(out, in)``."""
-        return torch.mm(self.lora_B, self.lora_A).mul_(self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from .data import Split, split_hash
 
-__all__ = ["source_task", "target_task", "after_last_marker", "one_hot_features", "marker_pairs", "show_examples"]
+__all__ = ["source_task", "target_task", "one_hot_features", "marker_pairs", "show_examples"]
 
 _SOURCE_STREAM, _TARGET_STREAM = 0, 1
 
@@ -119,24 +119,6 @@ def target_task(seed: int = 0, *, n_train: int = 200, n_val: int = 500, n_test: 
             "vocab_size": n_symbols + 1}
     tag = f"tokens-target|seed={seed}|n_symbols={n_symbols}|seq_len={seq_len}"
     return _make_split(_target_sample, rng, (n_train, n_val, n_test), tag, info, n_symbols, seq_len)
-
-
-def after_last_marker(X, marker: int) -> torch.Tensor:
-    """The symbol right after the last ``marker`` in each row: the label of both tasks (one marker or two).
-
-    ``X`` long ``(n, T)``; returns long ``(n,)``. Raises ``ValueError`` if a row has no marker or ends with it.
-    """
-    X = torch.as_tensor(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n, seq_len), got shape {tuple(X.shape)}")
-    is_marker = X == marker
-    if not bool(is_marker.any(dim=1).all()):
-        raise ValueError(f"every row of X must contain the marker {marker}; some rows have none")
-    T = X.shape[1]
-    last = T - 1 - torch.flip(is_marker, dims=[1]).int().argmax(dim=1)  # index of the last marker per row
-    if bool((last == T - 1).any()):
-        raise ValueError("a row ends with the marker: there is no symbol after it")
-    return X.gather(1, (last + 1).unsqueeze(1)).squeeze(1)
 
 
 def one_hot_features(X, vocab_size: int = 9) -> np.ndarray:
