@@ -38,7 +38,8 @@ def exercise(name: str):
     try:
         yield
     except NotImplementedError:
-        print(f"[exercise] {name} is not written yet (the cell above): visible tests skipped; "
+        verb = "are" if " and " in name else "is"
+        print(f"[exercise] {name} {verb} not written yet (the cell above): visible tests skipped; "
               "the notebook goes on with course_lib's version.")
 
 
