@@ -30,10 +30,10 @@ class Progress:
 
         kwargs = dict(total=total, initial=initial, desc=desc, unit=unit, leave=False)
         if any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__):
-            from IPython.display import display
+            from tqdm import notebook  # chosen by tqdm.auto only inside a Jupyter kernel: its display is IPython's
 
             self.bar = tqdm(**kwargs, display=False)
-            self.handle = display(self.bar.container, display_id=True)
+            self.handle = notebook.display(self.bar.container, display_id=True)
         else:
             self.bar = tqdm(**kwargs)
 
