@@ -22,6 +22,7 @@ from ..data import digits_split, make_loaders
 from ..models import MLP
 from ..runtime import seed_everything
 from ..train import fit
+from . import by_mode
 
 __all__ = ["MODEL", "BATCH_SIZE", "RUNS", "FIXES", "FIX_OF_RUN", "epochs", "clip_global_norm_",
            "dead_relu_fraction", "kept_val_acc", "clip_fraction", "evidence", "run"]
@@ -49,12 +50,9 @@ FIXES = ("clip", "schedule", "lower_lr")
 
 FIX_OF_RUN = {"clip_only": "clip", "schedule_only": "schedule", "lower_lr": "lower_lr"}
 
-_EPOCHS = {True: 20, False: 40}
-
-
 def epochs(fast: bool) -> int:
     """Epochs per run: 20 in fast mode (about 340 optimizer steps), 40 otherwise."""
-    return _EPOCHS[bool(fast)]
+    return by_mode(fast, fast=20, full=40)
 
 
 @torch.no_grad()
