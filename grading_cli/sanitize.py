@@ -47,7 +47,7 @@ def clean_output(output):
 def clean_markdown(source: str) -> str:
     """Learner markdown shown as written, without raw HTML or script links."""
     text = source.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return JS_LINK.sub(lambda m: m.group(1) + "&#58;", text)
+    return JS_LINK.sub(lambda m: m.group(1) + "\uff1a", text)  # a full-width colon: no scheme, nothing runs
 
 
 def clean_notebook(nb, learner_markdown=lambda cell: True):

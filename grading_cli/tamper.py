@@ -57,16 +57,20 @@ MODULES = {"ctypes", "_ctypes", "cffi", "gc", "inspect", "importlib", "builtins"
            "traitlets", "unittest.mock", "mock", "nbformat", "nbclient", "jupyter_client", "zmq", "_thread",
            "threading", "multiprocessing", "atexit", "sysconfig", "site", "dis", "code", "codeop", "pickle",
            "dill", "cloudpickle", "signal", "faulthandler", "trace", "pdb", "bdb", "types", "weakref",
-           "concurrent", "asyncio", "subprocess", "pty", "resource"}
+           "concurrent", "asyncio", "subprocess", "pty", "resource", "linecache", "traceback", "tokenize"}
 TYPES_OK = {"types.SimpleNamespace", "types.MappingProxyType", "types.GenericAlias", "types.NoneType"}
+MODULES_OK = ("IPython.display",)  # display(), HTML(), Markdown(): what notebooks show results with
+# sys.stdout/stderr stay allowed (printing to them is honest; assigning them is a module patch, caught anyway).
 SYS_ATTRS = {"modules", "settrace", "setprofile", "meta_path", "path_hooks", "path_importer_cache", "excepthook",
-             "displayhook", "breakpointhook", "_getframe", "addaudithook", "setrecursionlimit", "stdout", "stderr",
-             "stdin", "__stdout__", "__stderr__", "__excepthook__", "__displayhook__", "exit", "_current_frames",
-             "setswitchinterval", "audit", "builtin_module_names"}
+             "displayhook", "breakpointhook", "_getframe", "addaudithook", "__stdout__", "__stderr__",
+             "__excepthook__", "__displayhook__", "_current_frames", "setswitchinterval", "gettrace", "getprofile"}
 CALLS = {"exec", "eval", "compile", "__import__", "breakpoint"}
 # Module settings honest notebooks change (display options, the environment of subprocesses).
 CONFIG_OK = ("os.environ", "pandas.options", "matplotlib.rcParams", "matplotlib.pyplot.rcParams", "torch.backends")
 NAMESPACES = {"globals()", "vars()", "locals()", "sys.modules", "builtins", "__builtins__"}
+MUTATORS = {"append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "update", "setdefault",
+            "popitem", "add", "discard", "__setitem__", "__delitem__", "fill_", "zero_", "copy_", "add_", "mul_",
+            "sub_", "div_", "clamp_", "normal_", "uniform_", "requires_grad_", "load_state_dict", "apply"}
 READ_METHODS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__", "__len__", "__iter__"}
 MAGICS_OK = {"matplotlib", "time", "timeit", "config_inline", "precision", "pprint"}
 SHADOW_FILES = re.compile(r"(^|/)(sitecustomize|usercustomize)\.py$|\.pth$|(^|/)__init__\.py$")
@@ -81,11 +85,17 @@ class Hit:
     what: str
 
     def __str__(self) -> str:
-        return f"{self.where}, line {self.line}: {self.what}"
+        return f"{self.where}, line {self.line}: {self.what}" if self.line else f"{self.where}: {self.what}"
 
 
 def to_python(source: str) -> str | None:
-    """A cell as the Python IPython would run (magics become get_ipython() calls); None if it cannot parse."""
+    """A cell as the Python IPython would run (magics become get_ipython() calls); None if it cannot parse.
+    Plain Python is kept as written, so that line numbers are the cell's."""
+    try:
+        ast.parse(source)
+        return source
+    except (SyntaxError, ValueError):
+        pass
     try:
         from IPython.core.inputtransformer2 import TransformerManager
 
@@ -128,8 +138,9 @@ def shadowing_files(files) -> list[str]:
 class _Scanner(ast.NodeVisitor):
     """Collects hits of one module; ``aliases`` (shared across a notebook's cells) maps names to dotted paths."""
 
-    def __init__(self, where: str, aliases: dict[str, str], imported: set[str]):
+    def __init__(self, where: str, aliases: dict[str, str], imported: set[str], protected=frozenset()):
         self.where, self.aliases, self.imported = where, aliases, imported  # imported: top-level module names
+        self.protected = protected  # names the tests read from read-only/released cells
         self.hits: list[Hit] = []
         self.depth = 0  # > 0 inside a function or class body (bindings there are local)
         self.globals_declared: set[str] = set()
@@ -183,6 +194,8 @@ class _Scanner(ast.NodeVisitor):
         top = self.depth == 0 or name in self.globals_declared
         if top and (name in BUILTIN_NAMES or name in ("__builtins__", "get_ipython")):
             self.hit(node, f"assigns builtin {name!r}")
+        if top and name in self.protected:
+            self.hit(node, f"rebinds {name!r}, which the tests read from a released cell")
         if top and HISTORY.match(name):
             self.hit(node, f"assigns the input history name {name!r}")
         if value is not None:  # aliases are followed flow-insensitively, in every scope
@@ -198,6 +211,8 @@ class _Scanner(ast.NodeVisitor):
         elif isinstance(target, (ast.Tuple, ast.List)):
             for t in target.elts:
                 self._targets(t.value if isinstance(t, ast.Starred) else t, node)
+        elif isinstance(target, (ast.Attribute, ast.Subscript)) and self._root_name(target) in self.protected:
+            self.hit(node, f"changes {self._root_name(target)!r}, which the tests read from a released cell")
         elif isinstance(target, ast.Attribute):
             base = self.path(target.value)
             if self.imported_root(base) or base in NAMESPACES or (base or "").endswith("()"):
@@ -232,6 +247,8 @@ class _Scanner(ast.NodeVisitor):
             self.aliases[name] = f"{mod}.{a.name}"
 
     def _module(self, node, mod: str) -> None:
+        if mod.startswith(MODULES_OK):
+            return
         parts = mod.lstrip(".").split(".")
         for k in range(1, len(parts) + 1):
             if ".".join(parts[:k]) in MODULES:
@@ -351,8 +368,18 @@ class _Scanner(ast.NodeVisitor):
         else:
             self.visit(node.value)
 
+    @staticmethod
+    def _root_name(node) -> str | None:
+        while isinstance(node, (ast.Attribute, ast.Subscript)):
+            node = node.value
+        return node.id if isinstance(node, ast.Name) else None
+
     def visit_Call(self, node):
         func = self.path(node.func)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS and \
+                self._root_name(node.func.value) in self.protected:
+            self.hit(node, f"changes {self._root_name(node.func.value)!r} ({node.func.attr}), which the tests read "
+                           "from a released cell")
         if func in ("setattr", "delattr", "builtins.setattr", "object.__setattr__", "type.__setattr__") and node.args:
             base = self.path(node.args[0])
             if self.imported_root(base) or base in NAMESPACES or (base or "").endswith("()"):
@@ -374,7 +401,7 @@ class _Scanner(ast.NodeVisitor):
     @staticmethod
     def _sensitive(p: str) -> bool:
         """A path into the kernel's or the interpreter's machinery (at any depth: ``os.sys.modules``)."""
-        if p in TYPES_OK:
+        if p in TYPES_OK or p.startswith(MODULES_OK):
             return False
         if p.startswith(("get_ipython", "__builtins__")) or p.endswith(".get_ipython"):
             return True
@@ -389,7 +416,7 @@ class _Scanner(ast.NodeVisitor):
         return False
 
 
-def scan_sources(sources: list[tuple[str, str | None]], context: list[str] = ()) -> list[Hit]:
+def scan_sources(sources: list[tuple[str, str | None]], context: list[str] = (), protected=frozenset()) -> list[Hit]:
     """Hits in ``[(where, source), ...]``, scanned in order with one alias table (cells share a namespace).
 
     ``where=None`` marks a released cell the learner left alone: it is read for its imports and aliases
@@ -403,7 +430,7 @@ def scan_sources(sources: list[tuple[str, str | None]], context: list[str] = ())
         code = to_python(source)
         if code is None:
             continue
-        scanner = _Scanner(where or "", aliases, imported)
+        scanner = _Scanner(where or "", aliases, imported, protected if where else frozenset())
         scanner.visit(ast.parse(code))
         hits += scanner.hits if where else []
     if context:
@@ -412,11 +439,12 @@ def scan_sources(sources: list[tuple[str, str | None]], context: list[str] = ())
     return list(dict.fromkeys(hits))
 
 
-def scan_submission(cells: list[tuple[int | None, str]], files: dict[str, bytes], released: list[str] = ()
-                    ) -> list[Hit]:
+def scan_submission(cells: list[tuple[int | None, str]], files: dict[str, bytes], released: list[str] = (),
+                    protected=frozenset()) -> list[Hit]:
     """Hits in the graded notebook's non-test cells ``[(cell number, or None if as released, source)]`` and in
-    the submission's helper files; ``released``: the released notebook's code cells (see ``scan_sources``)."""
-    hits = scan_sources([(None if n is None else f"cell {n}", src) for n, src in cells], released)
+    the submission's helper files; ``released``: the released notebook's code cells (see ``scan_sources``);
+    ``protected``: names that released cells define and the tests read (see ``protected_names``)."""
+    hits = scan_sources([(None if n is None else f"cell {n}", src) for n, src in cells], released, protected)
     for name in shadowing_files(files):
         hits.append(Hit(name, 0, "shadows an importable module: left out of the job folder"))
     helpers = []
@@ -428,6 +456,39 @@ def scan_submission(cells: list[tuple[int | None, str]], files: dict[str, bytes]
                 hits.append(Hit(name, 0, "a .py file that is not UTF-8"))
     hits += scan_sources(helpers)
     return hits
+
+
+def defined_names(source: str) -> set[str]:
+    """Names a cell binds at its top level."""
+    code = to_python(source)
+    if code is None:
+        return set()
+    out = set()
+    for node in ast.parse(code).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for t in targets:
+            for n in ast.walk(t) if t is not None else ():
+                if isinstance(n, ast.Name):
+                    out.add(n.id)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+    return out
+
+
+def protected_names(released_cells: list[dict]) -> frozenset[str]:
+    """Names defined by released read-only or plain code cells that a test cell (hidden part included) reads:
+    the notebook objects the tests recompute the truth from."""
+    defined, used = set(), set()
+    for r in released_cells:
+        if r["cell_type"] != "code":
+            continue
+        if r["kind"] in ("locked", "code"):
+            defined |= defined_names(r["source"])
+        elif r["kind"] == "test":
+            code = to_python(r["full"])
+            if code:
+                used |= {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
+    return frozenset(defined & used)
 
 
 def summary(hits: list[Hit], limit: int = 12) -> str:

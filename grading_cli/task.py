@@ -20,7 +20,7 @@ from .nbmeta import CONTENT_MATCH, plain_stem
 from .repair import content_score, repair
 from .sanitize import clean_notebook, md_escape, to_html
 from .score import build_exec, feedback_notebook, merge, score_cells
-from .tamper import scan_submission, shadowing_files, summary
+from .tamper import protected_names, scan_submission, shadowing_files, summary
 
 
 def select(files: dict[str, bytes], nb_name: str, cells: list[dict]) -> tuple[str | None, list[dict]]:
@@ -102,7 +102,7 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     learner_code = [(None if c.source in released_code else k + 1, c.source) for k, c in enumerate(cells)
                     if c.cell_type == "code" and by_id.get(c.metadata.get("nbgrader", {}).get("grade_id"), {})
                     .get("kind") not in ("test", "locked")]
-    hits = scan_submission(learner_code, files, sorted(released_code))
+    hits = scan_submission(learner_code, files, sorted(released_code), protected_names(rels))
     if hits:
         out["flags"].append(flag("suspicious_code", nbspec["name"], summary(hits)))
     for name in shadowing_files(files):

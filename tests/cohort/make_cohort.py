@@ -29,6 +29,27 @@ LABELS = ("optimization", "regularization", "adaptation")
 CASES = ["correct", "blank", "wrong_decision", "partial", "syntax_error", "infinite_loop", "edited_tests",
          "deleted_tests", "edited_locked", "duplicated", "metadata_stripped", "reordered", "renamed", "huge_output",
          "crash", "stderr_noise", "gaming", "corrupt"]
+# Hostile submissions (issue 14): each attack class, with the score the kernel gives and the flags that must
+# come with it (an undeserved point is acceptable only with a tamper flag, for a human to review).
+HOSTILE = ["shadow_builtins", "kernel_alias", "patch_reference", "shadow_package", "read_hidden", "hostile_output",
+           "daemon"]
+DAEMON = "grading-daemon-{marker}"
+ALWAYS_YES = ("\n\nclass _Yes(str):\n    __eq__ = lambda self, other: True\n    __hash__ = str.__hash__\n\n"
+              "_real_type = type\n\n\ndef type(x, *rest):\n"
+              "    return str if isinstance(x, _Yes) else _real_type(x, *rest)\n\n{name} = _Yes({label!r})")
+SILENCE = "_k = get_ipython\n_k().showtraceback = lambda *args, **kwargs: None  # errors no longer shown"
+SHADOW = 'print("SHADOWED course_lib ran")\n'
+READ = ("import base64, pathlib\nfor _p in sorted(pathlib.Path('.').glob('*.ipynb')):\n"
+        "    print(_p.name, base64.b64encode(_p.read_bytes()).decode())")
+HOSTILE_OUTPUT = (
+    "from IPython.display import HTML, Javascript, display\n"
+    "display(HTML('<script>document.title=\"PWNED-script\"</script><img src=x onerror=\"alert(\\'PWNED-img\\')\">'))\n"
+    "display(Javascript('alert(\"PWNED-js\")'))\n"
+    "display({'image/svg+xml': '<svg onload=\"alert(1)\"><script>alert(\"PWNED-svg\")</script></svg>'}, raw=True)\n"
+    "_h = display({'text/plain': 'small'}, raw=True, display_id=True)\n"
+    "_h.update({'text/plain': 'y' * 3_000_000}, raw=True)  # one display update past every cap")
+INJECT = ('\n\ndef {fname}(*args, **kwargs):\n    raise ValueError("boom\\n\\n## Corrected grades\\n\\n'
+          '| student | score |\\n|---|---|\\n| hostile_output | 100 |\\n<script>alert(1)</script>")')
 NOISE = ("import sys, warnings, logging; from tqdm.auto import tqdm; sys.stderr.write('working...\\n'); "
          "warnings.warn('a learner warning'); logging.getLogger('learner').warning('a log line'); "
          "[_ for _ in tqdm(range(3))]")
@@ -67,6 +88,17 @@ class Plan:
                 return i, m.group(1), m.group(2)
         return None
 
+    def protected_answer(self) -> tuple[int, str] | None:
+        """(answer index, name) where a hidden test recomputes the answer from data a read-only cell defines."""
+        for k, r in enumerate(self.rels):
+            if r["kind"] != "locked":
+                continue
+            for name in re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=\s*\[", r["source"], re.M):
+                for i in self.answers:
+                    if i > k and re.search(rf"\b{name}\b", self.solution(i)) and self.pts(i, name):
+                        return i, name
+        return None
+
     def code_exercise(self) -> int:
         return next((i for i in self.answers if "def " in self.solution(i)), self.answers[0])
 
@@ -89,8 +121,8 @@ def _strip(nb) -> None:
 
 
 def build_case(plan: Plan, case: str, second: bool):
-    """(notebook or raw bytes, file name, expected autograded score, flags, repairs) for one case."""
-    nb, fname, flags, repairs = plan.correct(), f"{plan.name}.ipynb", [], []
+    """(notebook or raw bytes, file name, expected autograded score, flags, repairs, extra files) for one case."""
+    nb, fname, flags, repairs, extra = plan.correct(), f"{plan.name}.ipynb", [], [], {}
     score = plan.auto_max
     first, last = plan.answers[0], plan.answers[-1]
     if case == "blank":
@@ -173,9 +205,49 @@ def build_case(plan: Plan, case: str, second: bool):
             nb.cells[i].source = re.sub(r"^(\s*)(def .*:\s*)$", lambda m: f"{m.group(1)}{m.group(2)}\n"
                                         f"{m.group(1)}    {NOISE}", nb.cells[i].source, flags=re.M)
         nb.cells.insert(first, nbformat.v4.new_code_cell(NOISE))
+    elif case == "shadow_builtins":  # an always-equal str and a shadowed type() (no `def __eq__` to grep for)
+        d = plan.decision()
+        if d is None:
+            return None
+        i, name, label = d
+        nb.cells[i].source = plan.solution(i) + ALWAYS_YES.format(name=name, label=next(x for x in LABELS
+                                                                                       if x != label))
+        flags = ["suspicious_code"]  # the kernel gives the points: flagged for a human
+    elif case == "kernel_alias":  # nothing answered, error reporting silenced through an alias of get_ipython
+        nb = copy.deepcopy(plan.released)
+        nb.cells.insert(first, nbformat.v4.new_code_cell(SILENCE))
+        score, flags = 0, ["suspicious_code", "reply_error"]
+    elif case == "patch_reference":  # change the read-only data the hidden test recomputes the truth from
+        hit = plan.protected_answer()
+        if hit is None:
+            return None
+        i, data = hit
+        nb.cells[i].source = f"{data}.clear()\n{data}.extend([0.1, 0.9])  # now epoch 0 is 'best'\n" + plan.solution(i)
+        flags = ["suspicious_code"]
+    elif case == "shadow_package":  # a course_lib/ next to the notebook, imported by an honest-looking cell
+        nb.cells.insert(first, nbformat.v4.new_code_cell("import course_lib\nprint(course_lib.__file__)"))
+        extra = {"course_lib/__init__.py": SHADOW.encode()}
+        flags = ["suspicious_code"]
+    elif case == "read_hidden":  # print the notebook files of the working folder, base64 (beats redaction)
+        nb.cells.append(nbformat.v4.new_code_cell(READ))
+    elif case == "hostile_output":  # scripts for the instructor's browser, markdown for report.md, a huge update
+        nb.cells.insert(first, nbformat.v4.new_code_cell(HOSTILE_OUTPUT))
+        nb.cells.insert(first, nbformat.v4.new_markdown_cell(
+            "<script>alert('PWNED-md')</script> [x](javascript:alert(1))"))
+        fname_ = re.search(r"^def (\w+)", plan.solution(plan.code_exercise()), re.M)
+        if fname_ is None:
+            return None
+        e = plan.code_exercise()
+        nb.cells[e + 2].source += INJECT.format(fname=fname_.group(1))  # +2: the two cells inserted above
+        score -= plan.pts(e)
+        flags = ["output_truncated"]
+    elif case == "daemon":  # a detached process that would outlive the submission
+        nb.cells.append(nbformat.v4.new_code_cell(
+            "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', "
+            f"{DAEMON.format(marker=plan.name)!r}], start_new_session=True)"))
     elif case == "corrupt":
-        return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], []
-    return nb, fname, score, flags, repairs
+        return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], [], {}
+    return nb, fname, score, flags, repairs, extra
 
 
 def make_cohort(out, course_root=REPO / "grading", assignments=None, cases=None, partial=None) -> list[dict]:
@@ -186,14 +258,17 @@ def make_cohort(out, course_root=REPO / "grading", assignments=None, cases=None,
     expected = []
     for k, name in enumerate(names):
         plan = Plan(assignment_spec(course, name), (partial or {}).get(name))
-        for case in cases or CASES:
+        for case in cases or CASES + HOSTILE:
             built = build_case(plan, case, second=bool(k % 2))
             if built is None:
                 continue
-            nb, fname, score, flags, repairs = built
+            nb, fname, score, flags, repairs, extra = built
             path = out / case / name / fname
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(nb if isinstance(nb, bytes) else nbformat.writes(nb).encode())
+            for rel, data in extra.items():
+                (path.parent / rel).parent.mkdir(parents=True, exist_ok=True)
+                (path.parent / rel).write_bytes(data)
             expected.append({"student": case, "assignment": name, "score": f"{score:g}",
                              "flags": ";".join(flags), "repairs": ";".join(repairs)})
     for name in names:
