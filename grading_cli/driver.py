@@ -60,8 +60,8 @@ def _check_workers(client) -> None:
     try:
         client.run(probe)
     except Exception as err:
-        raise RuntimeError("Dask workers cannot import grading_cli: start them from the course repository "
-                           f"(cd <repo> && dask worker ...) or with PYTHONPATH=<repo> ({err})") from err
+        raise RuntimeError("Dask workers cannot import grading_cli: install the course in their environment "
+                           f"(pip install -e '<repo>[grading]', i.e. make setup) ({err})") from err
 
 
 def _write(path: Path, data) -> None:

@@ -24,8 +24,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "cohort"))
+sys.path.insert(0, str(ROOT / "tests" / "cohort"))  # the cohort builders are scripts, not a package
 from fixtures import build_course  # noqa: E402
 from make_cohort import make_cohort  # noqa: E402
 

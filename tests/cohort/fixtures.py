@@ -144,7 +144,6 @@ def build_course(root: Path, release: bool = True) -> Path:
     for b in (alpha(), beta()):
         b.write(root)
     if release:
-        sys.path.insert(0, str(REPO))
         from grading_cli.course import Course
 
         Course.load(root / "grading").release_all()

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import nbformat
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from grading_cli.course import Course, assignment_spec  # noqa: E402
+from grading_cli.course import REPO, Course, assignment_spec
 
 LABELS = ("optimization", "regularization", "adaptation")
 CASES = ["correct", "blank", "wrong_decision", "partial", "syntax_error", "infinite_loop", "edited_tests",
