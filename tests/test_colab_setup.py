@@ -46,3 +46,22 @@ def test_first_learner_notebook_installs_course_lib_in_fresh_venv(tmp_path):
     import course_lib
 
     assert lib_version == course_lib.__version__
+
+
+def test_setup_cell_says_plainly_when_the_repository_is_unreachable(tmp_path):
+    """No pip traceback: one message naming the source, what to check, and pip's last words."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import os
+
+    import sync_notebooks
+
+    script = tmp_path / "setup_cell.py"
+    script.write_text(sync_notebooks.setup_source())
+    env = dict(os.environ, COURSE_LIB_SOURCE=str(tmp_path / "no-such-repository"), PIP_NO_INDEX="1")
+    # -S: this interpreter without its site-packages, i.e. an environment where course_lib is missing
+    proc = subprocess.run([sys.executable, "-S", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "Could not install course_lib from" in proc.stderr and "no-such-repository" in proc.stderr, proc.stderr
+    assert "COURSE_REPOSITORY" in proc.stderr and "pip said:" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr

@@ -65,7 +65,14 @@ if FORCE_INSTALL or importlib.util.find_spec("course_lib") is None:
     if FORCE_INSTALL:
         command += ["--upgrade", "--no-deps", "--force-reinstall"]
     print("Installing course_lib from", source)
-    subprocess.run(command, check=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        said = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()][-3:]
+        raise SystemExit(
+            f"Could not install course_lib from {{source}}: the course repository is unreachable or not published.\\n"
+            "Check the internet connection (in Colab: Runtime > Restart session, then run this cell again), or ask\\n"
+            "your instructor for the course's repository and put it in COURSE_REPOSITORY above.\\n"
+            "pip said: " + " | ".join(said))
     importlib.invalidate_caches()'''
 
 
