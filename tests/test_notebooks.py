@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbutil import ROOT, errors, execute, kernel_env, nb_ids, notebooks
 
+sys.path.insert(0, str(ROOT))
+
 SOLUTIONS = notebooks("solutions")
 RELEASED = notebooks("notebooks")
 LAB_ARTIFACTS = ["peft_summary.csv", "pretrain_history.csv", "frozen_head_history.csv",
@@ -206,3 +208,26 @@ def test_unsolved_helpers_say_what_is_missing(tmp_path, capsys):
     assert "my_stub" not in notebook.unsolved_exercises()
     notebook.save_decisions(tmp_path, a=1, b=2)
     assert capsys.readouterr().out.splitlines()[-1] == "decisions saved to decisions.json in out_dir"
+
+
+def test_blank_learner_notebook_scores_zero(tmp_path):
+    """The unsolved path earns nothing: notebook 00 as released, graded by grading_cli, scores 0 on every test
+    cell, each for failed hidden tests (the visible part runs cleanly under its guard)."""
+    from grading_cli.course import Course, assignment_spec
+    from grading_cli.task import grade_one
+
+    name = SOLUTIONS[0].stem
+    (tmp_path / "grading").mkdir()
+    shutil.copy(ROOT / "grading" / "nbgrader_config.py", tmp_path / "grading")
+    shutil.copytree(ROOT / "solutions" / name, tmp_path / "solutions" / name,
+                    ignore=shutil.ignore_patterns("artifacts", "*.pt", "*.png", ".ipynb_checkpoints"))
+    course = Course.load(tmp_path / "grading")
+    course.release_all([name])
+    spec = assignment_spec(course, name)
+    blank = (course.release / name / f"{name}.ipynb").read_bytes()
+    options = {"limits": {"cell_timeout": 600, "notebook_timeout": 1200}, "isolation": "auto",
+               "params": {"fast": True, "device": "cpu", "out_dir": "artifacts"}}
+    result = grade_one(spec, {"student": "blank", "assignment": name, "files": {f"{name}.ipynb": blank}}, options)
+    cells = [c for c in result["notebooks"][0]["cells"] if c["kind"] == "test"]
+    assert cells and all(c["score"] == 0 for c in cells), cells
+    assert all(c["reason"].startswith("hidden tests failed") for c in cells), cells

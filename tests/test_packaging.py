@@ -36,9 +36,16 @@ def test_runtime_dependencies_light_and_unpinned():
 
 
 def test_environment_yml_names_the_same_packages_as_pyproject():
+    """environment.yml is the learner's whole environment: every pyproject package but the test oracles."""
     p = _pyproject()["project"]
-    wanted = {CONDA_NAMES.get(_name(d), _name(d)) for d in p["dependencies"] + p["optional-dependencies"]["course"]}
+    extras = p["optional-dependencies"]
+    assert set(extras) == {"course", "grading", "oracles", "all"}, "a new extra: decide whether learners need it"
+    reqs = p["dependencies"] + extras["course"] + extras["grading"]
+    wanted = {CONDA_NAMES.get(_name(d), _name(d)) for d in reqs}
     assert _environment_names() == wanted
+    design_card = {"jupyterlab", "pytorch", "matplotlib", "pandas", "nbgrader", "papermill", "nbval"}
+    assert design_card | {"ipywidgets"} <= wanted, "tqdm's widgets need ipywidgets where the notebooks run"
+    assert "ipywidgets" in {_name(d) for d in extras["course"]}, "make lab installs the course extra"
 
 
 def test_course_lib_never_imports_tooling():
