@@ -8,6 +8,9 @@
    ``tests/cohort/make_cohort.py`` (one per assignment), ``python -m grading_cli grade --json``. The
    figure is the grader's own ``seconds_per_submission`` (wall seconds / submissions, sandboxed kernels,
    2 workers). Without ``grading_cli`` the row says "skipped".
+3. The same notebooks as a learner's JupyterLab kernel runs them (``_learner_env``: no OMP_NUM_THREADS, no
+   pinned kernels, progress bars on; course_lib.setup_threads picks the thread count). Target: within 1.2x
+   of the ``make course`` total.
 
 The benchmark works with whatever notebooks exist. ``python bench/course.py [--no-grade] [--only 00 03]``;
 ``run()`` returns the rows for bench/run_all.py.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_TARGET_S = 300.0
+_WALL: dict = {}  # wall seconds of the last make-course run, papermill start-up included (the learner figure's peer)
 RUN_TIMEOUT_S, GRADE_TIMEOUT_S = 3600, 3600
 
 
@@ -69,6 +73,7 @@ def bench_notebooks(only=()) -> list[dict]:
         t0, cpu0 = time.perf_counter(), _children_cpu()
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+        _WALL["make course"] = wall
         summary = Path(tmp) / "latest" / "summary.csv"
         if not summary.exists():
             if "No notebooks found" in proc.stdout:
@@ -135,10 +140,51 @@ def bench_grading(workers: int = 2) -> list[dict]:
                  f"release took {release_s:.0f} s; {_load()}")]
 
 
+def _learner_env() -> dict:
+    """A learner's JupyterLab kernel in fast mode: none of the regression kernel's settings (no thread count,
+    no pinned CPU kernels, progress bars on), so course_lib chooses the thread count itself (setup_threads)."""
+    from course_lib.runtime import KERNEL_ENV
+
+    env = {k: v for k, v in _env().items() if k not in KERNEL_ENV and k != "COURSE_THREADS"}
+    return dict(env, COURSE_FAST="1")
+
+
+def bench_learner_kernel(only=(), course_total: float | None = None) -> list[dict]:
+    """The course figure as a learner gets it: every solution notebook, fast mode, papermill, learner kernel env.
+
+    Target: within 1.2x of ``course_total``, the wall seconds of the ``make course`` run (regression kernel),
+    both with papermill's start-up per notebook."""
+    figure = "course fast, learner kernel: total seconds"
+    notebooks = sorted(p for p in (ROOT / "solutions").glob("[0-9]*/*.ipynb") if p.parent.name == p.stem
+                       and (not only or p.stem.startswith(tuple(only))))
+    total, failed = 0.0, []
+    with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
+        for nb in notebooks:
+            work = Path(tmp) / nb.stem
+            shutil.copytree(nb.parent, work, ignore=shutil.ignore_patterns("artifacts", "*.pt", "*.png"))
+            cmd = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3", str(work / nb.name),
+                   str(work / "out.ipynb"), "-p", "fast", "True", "-p", "out_dir", str(work / "artifacts")]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=work, env=_learner_env(), capture_output=True, text=True,
+                                  timeout=RUN_TIMEOUT_S)
+            total += time.perf_counter() - t0
+            if proc.returncode != 0:
+                failed.append(f"{nb.stem}: {_tail(proc.stderr, 150)}")
+    target = f"<= 1.2 x make course ({course_total:.0f} s)" if course_total else "reported"
+    ok = not failed and (course_total is None or total <= 1.2 * course_total)
+    ratio = f", {total / course_total:.2f} x make course" if course_total else ""
+    return [_row(figure, round(total, 1), target, ok,
+                 f"{len(notebooks)} notebooks with papermill start-up{ratio}; {len(failed)} failed"
+                 f"{': ' + '; '.join(failed) if failed else ''}; {_load()}")]
+
+
 def run(grade: bool = True, only=()) -> list[dict]:
-    """Rows (bench, figure, value, target, ok, detail): notebooks, total, then autograding."""
-    return bench_notebooks(only) + (bench_grading() if grade else [_row("autograde: seconds per submission", None,
-                                                                        "skipped", True, "--no-grade")])
+    """Rows (bench, figure, value, target, ok, detail): notebooks, total, the learner kernel, then autograding."""
+    rows = bench_notebooks(only)
+    course_total = _WALL.get("make course")
+    rows += bench_learner_kernel(only, course_total)
+    return rows + (bench_grading() if grade else [_row("autograde: seconds per submission", None,
+                                                       "skipped", True, "--no-grade")])
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 BOTTLENECKS = ("optimization", "regularization", "adaptation")
 """The three answers to "which is the smallest change that survives the validation rule?"."""
 
-from .runtime import check_version, get_device, is_fast, seed_everything  # noqa: E402
+from .runtime import check_version, get_device, is_fast, seed_everything, setup_threads  # noqa: E402
 
-__all__ = ["__version__", "BOTTLENECKS", "seed_everything", "get_device", "is_fast", "check_version"]
+__all__ = ["__version__", "BOTTLENECKS", "seed_everything", "setup_threads", "get_device", "is_fast",
+           "check_version"]

@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "get_device", "is_fast", "check_version", "PINNED_NUMERICS", "KERNEL_ENV"]
+__all__ = ["seed_everything", "setup_threads", "get_device", "is_fast", "check_version", "PINNED_NUMERICS",
+           "KERNEL_ENV"]
 
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
                    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512F AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"}
@@ -29,6 +30,45 @@ tests and the grader. Fast mode, CPU, one intra-op thread (the numbers depend on
 progress bars, and :data:`PINNED_NUMERICS`."""
 
 
+COURSE_THREADS = 1
+"""Intra-op threads that ran the course's models fastest, measured (issue 12): the MLPs and TinyTransformers here
+are so small that a second thread costs more in synchronisation than it gains; under load (a JupyterLab
+kernel on a busy 2-core machine) torch's default of one thread per core was up to 10x slower."""
+
+_THREADS_CHOSEN: int | None = None
+
+
+def setup_threads(threads: int | None = None, *, verbose: bool = True) -> int:
+    """Set torch's intra-op thread count for this kernel once, and say so; returns the count in use.
+
+    Precedence: ``threads`` (an int >= 1) > the environment variable ``COURSE_THREADS`` > an explicit
+    ``OMP_NUM_THREADS`` (left as torch read it, nothing printed) > :data:`COURSE_THREADS`. Called by
+    :func:`seed_everything`; later calls without ``threads`` change nothing.
+    """
+    global _THREADS_CHOSEN
+    if threads is None and _THREADS_CHOSEN is not None:
+        return torch.get_num_threads()
+    source = "setup_threads()"
+    if threads is None and os.environ.get("COURSE_THREADS", "").strip():
+        threads, source = os.environ["COURSE_THREADS"].strip(), "COURSE_THREADS"
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        _THREADS_CHOSEN = torch.get_num_threads()
+        return _THREADS_CHOSEN
+    if threads is None:
+        threads, source = COURSE_THREADS, "measured fastest for the course's small models"
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(threads, bool) or n < 1 or str(n) != str(threads).strip():
+        raise ValueError(f"threads ({source}) must be an int >= 1, got {threads!r}")
+    torch.set_num_threads(n)
+    _THREADS_CHOSEN = n
+    if verbose:
+        print(f"torch threads: {n} ({source}; change with COURSE_THREADS=N or course_lib.setup_threads(N))")
+    return n
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA) so that a CPU run repeats bit for bit.
 
@@ -40,6 +80,7 @@ def seed_everything(seed: int) -> torch.Generator:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     seed = int(seed)
+    setup_threads()  # once per kernel: the measured thread count, unless OMP_NUM_THREADS / COURSE_THREADS say
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
