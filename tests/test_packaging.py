@@ -36,10 +36,12 @@ def test_runtime_dependencies_light_and_unpinned():
 
 
 def test_environment_yml_names_the_same_packages_as_pyproject():
-    """environment.yml is the learner's whole environment: every pyproject package but the test oracles."""
+    """environment.yml is the learner's whole environment: every pyproject package but the test oracles and the
+    browser check's playwright."""
     p = _pyproject()["project"]
     extras = p["optional-dependencies"]
-    assert set(extras) == {"course", "grading", "oracles", "all"}, "a new extra: decide whether learners need it"
+    assert set(extras) == {"course", "grading", "oracles", "browser", "all"}, "a new extra: do learners need it?"
+    assert "browser" not in extras["all"][0], "playwright is for make browser-check only"
     reqs = p["dependencies"] + extras["course"] + extras["grading"]
     wanted = {CONDA_NAMES.get(_name(d), _name(d)) for d in reqs}
     assert _environment_names() == wanted
