@@ -32,8 +32,9 @@ progress bars, and :data:`PINNED_NUMERICS`."""
 
 COURSE_THREADS = 1
 """Intra-op threads that ran the course's models fastest, measured (issue 12): the MLPs and TinyTransformers here
-are so small that a second thread costs more in synchronisation than it gains; under load (a JupyterLab
-kernel on a busy 2-core machine) torch's default of one thread per core was up to 10x slower."""
+are so small that a second thread costs more in synchronisation than it gains. On a busy 2-core machine
+(torch's default is one thread per core), 2 threads took 8x the wall time of 1 for the MLP of notebook 00 and
+24x for a 2-block TinyTransformer (median of 3 short fits each); 4 threads were not measured (2 cores)."""
 
 _THREADS_CHOSEN: int | None = None
 
