@@ -52,7 +52,7 @@ def answered(**values) -> bool:
         raise TypeError("answered() needs the decision names and values, e.g. answered(bottleneck=bottleneck)")
     missing = [k for k, v in values.items() if v is None]
     if missing:
-        print(f"[decision] {', '.join(missing)} not answered yet (the decision cell above): visible tests skipped; "
+        print(f"[decision] {', '.join(missing)} not answered yet: tests skipped; "
               "the last cell lists what is still unanswered.")
     return not missing
 
