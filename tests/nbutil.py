@@ -19,6 +19,24 @@ def scenario_seeds() -> range:
     return range(n)
 
 
+def _one_thread_call(fn_seed):
+    import torch
+
+    torch.set_num_threads(1)
+    fn, seed = fn_seed
+    return fn(seed)
+
+
+def map_seeds(fn, seeds) -> list:
+    """``[fn(seed) for seed in seeds]`` in two spawned worker processes with one intra-op thread each (the two
+    cores of CI; about half the time of one process). ``fn`` must be a module-level function (it is pickled)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_one_thread_call, [(fn, seed) for seed in seeds]))
+
+
 def notebooks(folder: str) -> list[Path]:
     return sorted(p for p in (ROOT / folder).glob("[0-9]*/*.ipynb") if p.parent.name == p.stem)
 

@@ -1,11 +1,8 @@
 """Notebook 02's evidence: the finder's range holds on every seed; cosine wins at the top of it on most seeds."""
 from __future__ import annotations
 
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
-from nbutil import scenario_seeds
+from nbutil import map_seeds, scenario_seeds
 
 from course_lib.scenarios import schedules as sc
 
@@ -13,17 +10,12 @@ SEEDS = scenario_seeds()
 
 
 def _evidence(seed):
-    import torch
-
-    torch.set_num_threads(1)
     return sc.run(seed, fast=True)
 
 
 @pytest.fixture(scope="module")
 def evidence():
-    # two worker processes, one thread each: the two cores of CI
-    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(_evidence, SEEDS))
+    return map_seeds(_evidence, SEEDS)
 
 
 def test_finder_suggestions_are_stable_and_inside_the_range(evidence):

@@ -1,11 +1,8 @@
 """Notebook 08's evidence holds on every seed: the train/val trap, the LR x batch interplay, the LoRA ordering."""
 from __future__ import annotations
 
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
-from nbutil import scenario_seeds
+from nbutil import map_seeds, scenario_seeds
 
 from course_lib.scenarios import search as sc
 
@@ -13,9 +10,6 @@ SEEDS = scenario_seeds()
 
 
 def _evidence(seed):
-    import torch
-
-    torch.set_num_threads(1)
     ev = sc.run(seed, fast=True, random=False)
     ev.pop("results")
     return ev
@@ -23,9 +17,7 @@ def _evidence(seed):
 
 @pytest.fixture(scope="module")
 def evidence():
-    # two worker processes, one thread each: the two cores of CI (about 25 s instead of 50 s)
-    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(_evidence, SEEDS))
+    return map_seeds(_evidence, SEEDS)
 
 
 def test_lowest_training_loss_is_never_the_best_on_validation(evidence):
