@@ -154,4 +154,3 @@ def check_version(required: str, installed: str | None = None) -> str:
             "then restart the kernel."
         )
     return installed
-

@@ -81,8 +81,11 @@ def main(argv=None) -> int:
         latest.unlink()
     latest.symlink_to(stamp)
     # the regression kernel environment (one thread, pinned CPU kernels: the same numbers on any machine and
-    # load); papermill's `fast` parameter, not COURSE_FAST, sets the mode
-    os.environ.update({k: v for k, v in KERNEL_ENV.items() if k != "COURSE_FAST"})
+    # load) wherever the caller's environment says nothing else (docs/gpu.md runs it with COURSE_DEVICE=cuda);
+    # papermill's `fast` parameter, not COURSE_FAST, sets the mode
+    for key, value in KERNEL_ENV.items():
+        if key != "COURSE_FAST":
+            os.environ.setdefault(key, value)
     mode = "full" if args.full else "fast"
     print(f"Running {len(notebooks)} notebook(s) in {mode} mode into {out_root}")
     rows = []
