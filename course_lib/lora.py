@@ -7,6 +7,11 @@ LoRA (Hu et al. 2021) keeps a pretrained weight ``W (out, in)`` frozen and learn
 ``A`` starts like a Linear weight (kaiming uniform, a=sqrt(5)) and ``B`` at zero, so the adapted model
 starts exactly at the pretrained one. Only ``r * (in + out)`` numbers are trained instead of ``in * out``.
 After training, ``W + (alpha / r) B A`` is a plain weight again (``merge``): inference costs nothing extra.
+
+Variants (flags of ``LoRALinear`` and ``add_lora``, named like peft's ``LoraConfig``): ``use_rslora=True``
+scales by ``alpha / sqrt(r)`` instead (rank-stabilized LoRA, Kalajievic 2023); ``use_dora=True`` learns a
+per-row magnitude on top (DoRA, Liu et al. 2024: ``course_lib.lora_variants.DoRALinear``). LoRA+ (B at a
+higher LR) is an optimizer setting: ``course_lib.lora_variants.loraplus_param_groups``.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ __all__ = [
     "load_lora_state_dict",
     "merge_lora",
     "lora_parameter_count",
+    "lora_scaling",
 ]
 
 
@@ -39,22 +45,37 @@ def _check_r_alpha_dropout(r, alpha, dropout) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor in front of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (rsLoRA).
+
+    With ``alpha / r`` and a fixed alpha, a larger rank shrinks the update: at initialisation each entry of
+    ``B A x`` sums ``r`` terms, so it grows like ``sqrt(r)``, and ``alpha / r`` leaves it ``~ 1 / sqrt(r)``
+    (Kalajievic 2023). ``alpha / sqrt(r)`` keeps it of the same size for every rank. Recipes that scale alpha
+    with r (``alpha = 2 r``) get a constant ``alpha / r = 2`` instead: the update then *grows* with r.
+    """
+    _check_r_alpha_dropout(r, alpha, 0.0)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
-    """``y = base(x) + (alpha / r) * dropout(x) @ A^T @ B^T`` around a frozen ``base: nn.Linear``.
+    """``y = base(x) + scaling * dropout(x) @ A^T @ B^T`` around a frozen ``base: nn.Linear``.
 
     Shapes: input ``(*, in)`` (any leading dimensions), output ``(*, out)``; ``lora_A`` is ``(r, in)``,
     ``lora_B`` is ``(out, r)``, both trainable, in the dtype and on the device of ``base.weight``; ``scaling``
-    is ``alpha / r``. ``A`` starts like a Linear weight (kaiming uniform, a=sqrt(5)) and ``B`` at zero, so a
-    new layer computes exactly ``base(x)``. The base weight and bias are frozen (``requires_grad=False``).
+    is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora=True``, see ``lora_scaling``). ``A`` starts like
+    a Linear weight (kaiming uniform, a=sqrt(5)) and ``B`` at zero, so a new layer computes exactly ``base(x)``.
+    The base weight and bias are frozen (``requires_grad=False``).
 
-    Merging: ``merge()`` adds ``(alpha / r) B A`` into ``base.weight`` (in place, no grad) and sets
+    Merging: ``merge()`` adds ``scaling * B A`` into ``base.weight`` (in place, no grad) and sets
     ``merged = True``; the forward is then ``base(x)`` alone, a plain Linear's cost. ``unmerge()`` subtracts
     it back (equal up to rounding). ``merge()`` on a merged layer and ``unmerge()`` on an unmerged one raise
     ``RuntimeError`` (adding the update twice would silently corrupt the weight). Train unmerged: while
     merged, ``lora_A``/``lora_B`` receive no gradient.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False):
         super().__init__()
         if isinstance(base, LoRALinear):
             raise TypeError("base is already a LoRALinear: wrap the plain nn.Linear once (or merge_lora first)")
@@ -64,7 +85,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r = r
         self.alpha = alpha
-        self.scaling = alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.use_rslora = use_rslora
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         w = base.weight
@@ -111,7 +133,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``base.weight += (alpha / r) B A`` in place; then the forward is ``base(x)`` only."""
+        """``base.weight += scaling * B A`` in place; then the forward is ``base(x)`` only."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged: call unmerge() before merging again")
         w = self.base.weight
@@ -120,7 +142,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """``base.weight -= (alpha / r) B A``: undo ``merge()`` (exact up to floating-point rounding)."""
+        """``base.weight -= scaling * B A``: undo ``merge()`` (exact up to floating-point rounding)."""
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged: there is nothing to unmerge")
         w = self.base.weight
@@ -129,7 +151,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}")
+                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, merged={self.merged}"
+                + (", use_rslora=True" if self.use_rslora else ""))
 
 
 def _as_names(value, arg: str) -> list[str]:
@@ -157,13 +180,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def add_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, alpha: float,
-             dropout: float = 0.0, train_modules: str | Iterable[str] = ()) -> list[str]:
+             dropout: float = 0.0, train_modules: str | Iterable[str] = (), *, use_rslora: bool = False,
+             use_dora: bool = False) -> list[str]:
     """Replace every ``nn.Linear`` named like a target by a ``LoRALinear`` (in place); freeze the rest.
 
     A module matches an entry when its qualified name *ends with* the entry's dot-separated components:
     ``"q_proj"`` matches ``"blocks.0.attn.q_proj"`` but not ``"blocks.0.attn.xq_proj"``; ``"attn.q_proj"``
     also works. ``train_modules`` (e.g. ``"head"``) match the same way; their parameters stay trainable
-    (fully fine-tuned). Every other parameter gets ``requires_grad=False``.
+    (fully fine-tuned). Every other parameter gets ``requires_grad=False``. ``use_rslora`` scales by
+    ``alpha / sqrt(r)``; ``use_dora`` wraps with ``lora_variants.DoRALinear`` (a learned magnitude per row).
 
     Returns the wrapped names in module order. Everything is checked before the model is touched, so an
     error leaves it unchanged. Errors: r/alpha/dropout out of range, empty ``target_modules``, an entry
@@ -172,6 +197,13 @@ def add_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, alph
     first), a train module that overlaps a LoRA target.
     """
     _check_r_alpha_dropout(r, alpha, dropout)
+    lora_scaling(r, alpha, use_rslora)  # checks use_rslora
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+    if use_dora:
+        from .lora_variants import DoRALinear as layer_cls  # the variants module builds on this one
+    else:
+        layer_cls = LoRALinear
     targets = _as_names(target_modules, "target_modules")
     if not targets:
         raise ValueError("target_modules is empty: name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
@@ -215,7 +247,7 @@ def add_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, alph
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(modules[name], r, alpha, dropout))
+        setattr(parent, child, layer_cls(modules[name], r, alpha, dropout, use_rslora=use_rslora))
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -226,7 +258,7 @@ def _adapter_param_names(model: nn.Module) -> list[str]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRALinear layers: call add_lora(model, ...) first")
-    lora_names = {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B")}
+    lora_names = {f"{n}.{p}" for n, m in layers.items() for p, _ in m.named_parameters() if p.startswith("lora_")}
     return [n for n, p in model.named_parameters() if p.requires_grad or n in lora_names]
 
 
