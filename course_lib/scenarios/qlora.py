@@ -73,3 +73,48 @@ def run(seed: int = 0, fast: bool = True) -> dict:
     """``compare`` after ``transfer.pretrain(seed, fast)``."""
     pretrained, _ = transfer.pretrain(seed, fast)
     return compare(pretrained, seed, fast)
+
+
+# --- the memory decision ----------------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+"""Base precisions from most to least precise. ``int8``: blockwise 8-bit (blocks of 256, one fp32 absmax per
+block, 8.125 bits); ``nf4``: NF4 with double quantization (4.127 bits). For ``int8`` and ``nf4`` only the
+Linear layers named in ``QLORA["targets"]`` are quantized; everything else stays bf16, as in QLoRA."""
+
+ADAPTER_BYTES_PER_PARAM = 16
+"""A trained fp32 number: weight 4 + gradient 4 + AdamW's two moments 8."""
+
+
+def base_bytes(model: nn.Module, precision: str) -> int:
+    """Bytes of ``model``'s frozen weights stored at ``precision`` (works on the ``meta`` device: shapes only).
+
+    ``fp32``: 4 bytes a parameter, ``bf16``: 2. ``int8``: each target Linear weight ``n + 4 ceil(n / 256)``
+    bytes, ``nf4``: ``qlora.nf4_nbytes(n)``; the other parameters (biases, norms, embeddings, head) 2 bytes each.
+    """
+    from ..lora import _ends_with
+    from ..qlora import nf4_nbytes
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    params = list(model.named_parameters())
+    if precision in ("fp32", "bf16"):
+        return sum(p.numel() for _, p in params) * (4 if precision == "fp32" else 2)
+    total = 0
+    for name, p in params:
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and any(_ends_with(module, t) for t in QLORA["targets"]):
+            n = p.numel()
+            total += n + 4 * -(-n // 256) if precision == "int8" else nf4_nbytes(n)
+        else:
+            total += 2 * p.numel()
+    return total
+
+
+def memory_rows(base: nn.Module, adapted: nn.Module) -> dict:
+    """``{precision: {"base", "adapter", "total"}}`` in bytes: ``base_bytes`` of the frozen ``base`` plus
+    ``ADAPTER_BYTES_PER_PARAM`` per trainable parameter of ``adapted`` (the same model with LoRA added).
+    Activations are not counted (they depend on the batch; leave them a margin)."""
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    adapter = ADAPTER_BYTES_PER_PARAM * trainable
+    return {prec: {"base": base_bytes(base, prec), "adapter": adapter,
+                   "total": base_bytes(base, prec) + adapter} for prec in PRECISIONS}
