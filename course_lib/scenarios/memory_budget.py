@@ -67,11 +67,13 @@ def split_for(seed: int):
     return digits_split(seed, n_train=N_TRAIN)
 
 
-def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", **override):
+def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", name: str | None = None,
+              progress: bool | None = False, **override):
     """Train ``MLP(**MODEL)`` with ``BASE | RUNS[arm] | override``; returns ``(history, model)``.
 
     Same initial weights (``seed_everything(seed)`` first) and same batch order for every arm; ``fit`` builds
-    the optimizer by name (``course_lib.optimizers.OPTIMIZERS``).
+    the optimizer by name (``course_lib.optimizers.OPTIMIZERS``, Adafactor included). ``name`` labels the
+    history (default: ``arm``); ``progress`` is passed to ``fit`` (the notebook shows bars, the tests do not).
     """
     if arm not in RUNS:
         raise ValueError(f"arm must be one of {tuple(RUNS)}, got {arm!r}")
@@ -79,8 +81,8 @@ def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", **overrid
     seed_everything(seed)
     model = MLP(**MODEL)
     train_loader, val_loader, _ = make_loaders(split, cfg.pop("batch_size"), seed=seed)
-    history = fit(model, train_loader, val_loader, epochs=epochs(fast), device=device, name=arm,
-                  split_hash=split.split_hash, progress=False, **cfg)
+    history = fit(model, train_loader, val_loader, epochs=epochs(fast), device=device, name=name or arm,
+                  split_hash=split.split_hash, progress=progress, **cfg)
     return history, model
 
 
