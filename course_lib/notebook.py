@@ -20,8 +20,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["exercise", "answered", "use_or_fallback", "unsolved_exercises", "prepare_out_dir", "save_decisions",
-           "load_decisions"]
+__all__ = ["exercise", "answered", "use_or_fallback", "unsolved_exercises", "prepare_out_dir", "save_decisions"]
 
 _ON_FALLBACK: dict[str, None] = {}  # exercises running on course_lib's version in this kernel, in order
 
@@ -111,7 +110,3 @@ def save_decisions(out_dir, **decisions) -> Path:
     print(f"Until then {path.name} in out_dir holds only what is answered; answer the rest, then run all again.")
     return path
 
-
-def load_decisions(out_dir) -> dict:
-    path = Path(out_dir) / "decisions.json"
-    return json.loads(path.read_text()) if path.exists() else {}

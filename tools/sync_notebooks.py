@@ -23,14 +23,6 @@ def course_settings() -> dict:
     return data["tool"]["course"]
 
 
-def required_version() -> str:
-    """``major.minor`` of course_lib, which every notebook checks at start-up."""
-    for line in (ROOT / "course_lib" / "__init__.py").read_text().splitlines():
-        if line.startswith("__version__"):
-            return ".".join(line.split("=")[1].strip().strip("\"'").split(".")[:2])
-    raise RuntimeError("course_lib/__init__.py has no __version__ line")
-
-
 def badge_source(name: str) -> str:
     s = course_settings()
     repo = s["repository"].rstrip("/").removeprefix("https://github.com/")
