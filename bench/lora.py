@@ -11,7 +11,8 @@ Two models, LoRA (r=8, alpha=16) on every Linear that a learner would adapt:
 Figures per model: trainable fraction; AdamW state bytes LoRA / full fine-tuning; seconds of one training
 step (forward + backward + fresh grads) relative to full fine-tuning for LoRA, the frozen base (input
 gradients only: the floor a LoRA step can approach) and peft's LoRA; course / peft step time; inference
-time of the merged model / the base model (target 1.00 +- 0.03). Targets: CPU: course step <= peft step;
+time of the merged model / the base model (target 1.00 +- 0.03); the variants rsLoRA and DoRA
+(``use_rslora`` / ``use_dora``, same r and alpha): course step / peft step each. Targets: CPU: course step <= peft step;
 CUDA: LoRA step <= 0.80 x full step. fp32 on CPU, bf16 autocast on CUDA. The variants are interleaved
 (order rotated each round); a ratio is the median over rounds of the two times measured back to back,
 absolute times are the best round (bench/timing.py, which also picks 1 or 2 CPU threads by machine load).
@@ -94,20 +95,24 @@ def _cases(device: torch.device, size: str, dtype: torch.dtype) -> list[Case]:
     ]
 
 
-def _peft_wrap(model: nn.Module, case: Case):
+VARIANTS = {"rsLoRA": {"use_rslora": True}, "DoRA": {"use_dora": True}}
+
+
+def _peft_wrap(model: nn.Module, case: Case, **flags):
     """peft's LoraModel on the same layers with the same r/alpha (dropout 0), plus the same trained modules."""
     from peft import LoraConfig, LoraModel
 
-    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", target_modules=list(case.targets))
+    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", target_modules=list(case.targets),
+                        **flags)
     wrapped = LoraModel(model, config, "default")
     for name in case.train_modules:
         model.get_submodule(name).requires_grad_(True)
     return wrapped
 
 
-def _course_lora(case: Case) -> nn.Module:
+def _course_lora(case: Case, **flags) -> nn.Module:
     model = case.build()
-    add_lora(model, case.targets, r=R, alpha=ALPHA, train_modules=case.train_modules)
+    add_lora(model, case.targets, r=R, alpha=ALPHA, train_modules=case.train_modules, **flags)
     return model
 
 
@@ -201,7 +206,29 @@ def _bench_case(case: Case, device, env: dict, rounds: int, iters: int, use_peft
                          f"course {ms['course']:.2f} ms, peft {ms['peft']:.2f} ms"))
     else:
         rows.append(_row(case, "peft comparison", None, "skipped", True, "peft is not installed"))
-    return rows + _bench_merge(case, env, rounds, iters, use_peft)
+    return rows + _bench_merge(case, env, rounds, iters, use_peft) + _bench_variants(case, env, rounds, iters, use_peft)
+
+
+def _bench_variants(case: Case, env: dict, rounds: int, iters: int, use_peft: bool) -> list[dict]:
+    """One training step of course_lib's rsLoRA and DoRA against peft's (``use_rslora`` / ``use_dora``)."""
+    if not use_peft:
+        return [_row(case, "rsLoRA / DoRA vs peft", None, "skipped", True, "peft is not installed")]
+    cuda, autocast = env["sync"] is not None, env["autocast"]
+    steps = {}
+    for name, flags in VARIANTS.items():
+        theirs = case.build()
+        _peft_wrap(theirs, case, **flags)
+        steps[f"course {name}"] = _step(_course_lora(case, **flags), case, autocast)
+        steps[f"peft {name}"] = _step(theirs, case, autocast)
+    tm = interleaved(steps, rounds, iters, env["sync"], env["clock"])
+    rows = []
+    for name in VARIANTS:
+        ratio = tm.ratio(f"course {name}", f"peft {name}")
+        ms = {k: tm.best[f"{k} {name}"] * 1e3 for k in ("course", "peft")}
+        rows.append(_row(case, f"step time course_lib {name} / peft {name}", round(ratio, 3),
+                         "reported" if cuda else f"<= {CPU_TARGET:.2f}", cuda or ratio <= CPU_TARGET,
+                         f"course {ms['course']:.2f} ms, peft {ms['peft']:.2f} ms"))
+    return rows
 
 
 def _bench_merge(case: Case, env: dict, rounds: int, iters: int, use_peft: bool) -> list[dict]:
