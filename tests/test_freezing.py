@@ -181,3 +181,123 @@ def test_param_groups_argument_errors():
         param_groups(net, lr=1e-3, weight_decay=0.1, head="fc")
     groups = param_groups(net, lr=1e-3, weight_decay=0.1, head=None)
     assert [g["name"] for g in groups] == ["backbone_decay", "backbone_no_decay"]
+
+
+def test_param_groups_layer_decay_gives_each_block_decay_times_the_block_above():
+    net = make_net(n_blocks=3)
+    groups = param_groups(net, lr=1e-2, backbone_lr=1e-3, weight_decay=0.1, layer_decay=0.5)
+    by = _groups_by_name(groups)
+    assert [g["name"] for g in groups] == [
+        "pre_blocks_decay", "pre_blocks_no_decay", "blocks.0_decay", "blocks.0_no_decay", "blocks.1_decay",
+        "blocks.1_no_decay", "blocks.2_decay", "blocks.2_no_decay", "post_blocks_no_decay", "head_decay",
+        "head_no_decay"]
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)] for p in by["pre_blocks_decay"]["params"]} == {"embed.weight", "scale"}
+    assert {names[id(p)] for p in by["post_blocks_no_decay"]["params"]} == {"bn.weight", "bn.bias"}
+    assert {names[id(p)] for p in by["blocks.1_decay"]["params"]} == {"blocks.1.fc.weight"}
+    for i, expected in enumerate((2.5e-4, 5e-4, 1e-3)):
+        assert by[f"blocks.{i}_decay"]["lr"] == by[f"blocks.{i}_no_decay"]["lr"] == pytest.approx(expected)
+    assert by["pre_blocks_decay"]["lr"] == pytest.approx(1.25e-4)  # below the bottom block
+    assert by["post_blocks_no_decay"]["lr"] == 1e-3 and by["head_decay"]["lr"] == 1e-2
+    assert by["blocks.0_no_decay"]["weight_decay"] == 0.0 and by["blocks.0_decay"]["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    # layer_decay=1: every backbone layer at backbone_lr; only trainable parameters, as without it
+    flat = param_groups(net, lr=1e-2, backbone_lr=1e-3, weight_decay=0.0, layer_decay=1.0)
+    assert {g["lr"] for g in flat if not g["name"].startswith("head")} == {1e-3}
+    unfreeze_top_k(net, 1)
+    assert [g["name"] for g in param_groups(net, lr=1e-2, weight_decay=0.0, layer_decay=0.5)] == [
+        "blocks.2_decay", "blocks.2_no_decay", "head_decay", "head_no_decay"]
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="layer_decay must be a number in"):
+            param_groups(net, lr=1e-2, weight_decay=0.0, layer_decay=bad)
+    with pytest.raises(TypeError, match="model must have `blocks`"):
+        param_groups(nn.Sequential(OrderedDict(head=nn.Linear(2, 2))), lr=1e-2, weight_decay=0.0, layer_decay=0.5)
+
+
+def _loaders(n=64, seed=0):
+    from course_lib.data import TensorLoader
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=g)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    return TensorLoader(X, y, 16, shuffle=True, seed=seed), TensorLoader(X, y, 64)
+
+
+def test_fit_stages_unfreezes_stage_by_stage_and_keeps_the_best_epoch_over_all_stages():
+    from course_lib.checkpoint import BestCheckpoint
+    from course_lib.freezing import fit_stages
+
+    net = make_net(n_blocks=3)
+    train, val = _loaders()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    history = fit_stages(net, [(0, 2), (1, 3), (3, 1)], train, val, lr=1e-2, backbone_lr=1e-3,
+                         checkpoint=BestCheckpoint("val_loss", "min"), name="staged", split_hash="abc",
+                         scheduler="cosine", warmup_ratio=0.1, device="cpu", progress=False)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6] and [r["stage"] for r in history] == [1, 1, 2, 2, 2, 3]
+    assert history.name == "staged" and history.split_hash == "abc" and history.rule == ("val_loss", "min", None)
+    losses = [r["val_loss"] for r in history]
+    assert history.best_epoch == losses.index(min(losses)) + 1 and history.best_value == min(losses)
+    # each stage has its own schedule: warmup restarts, so the LR at a stage's first epoch is below its peak
+    assert history[2]["lr"] < 1e-2 and history[0]["lr"] < 1e-2
+    assert history.trainable_params == sum(p.numel() for p in net.parameters()) - sum(
+        p.numel() for n, p in net.named_parameters() if not n.startswith(("blocks.", "head.")))
+    # the embedding never trained; the kept checkpoint is loaded back
+    assert torch.equal(net.embed.weight, before["embed.weight"])
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), history.best_state[n])
+    assert len(history.steps) == 6 * len(train)
+
+
+def test_fit_stages_errors():
+    from course_lib.checkpoint import BestCheckpoint
+    from course_lib.freezing import fit_stages
+
+    net = make_net(n_blocks=3)
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="stages is empty"):
+        fit_stages(net, [], train, val, lr=1e-2)
+    with pytest.raises(ValueError, match=r"each stage must be a pair \(k top blocks, epochs >= 1\)"):
+        fit_stages(net, [(0, 0)], train, val, lr=1e-2)
+    with pytest.raises(ValueError, match=r"stage k must be in \[0, 3\].*got 5"):
+        fit_stages(net, [(0, 1), (5, 1)], train, val, lr=1e-2)
+    with pytest.raises(TypeError, match="checkpoint must be a BestCheckpoint"):
+        fit_stages(net, [(0, 1)], train, val, lr=1e-2, checkpoint=("val_loss", "min"))
+    assert all(p.requires_grad for p in net.parameters())  # nothing trained or frozen before the checks
+    assert isinstance(BestCheckpoint(), BestCheckpoint)
+
+
+def test_weight_drift_per_layer_and_through_lora():
+    import copy
+
+    from course_lib.drift import effective_state, weight_drift
+    from course_lib.lora import add_lora
+
+    net = make_net(n_blocks=2)
+    same = weight_drift(net, copy.deepcopy(net))
+    assert list(same) == ["scale", "shift", "embed", "blocks.0", "blocks.1", "bn"] and set(same.values()) == {0.0}
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        moved.blocks[1].fc.weight.mul_(1.5)
+        moved.head.weight.add_(10.0)  # the head is excluded
+    drift = weight_drift(net, moved)
+    with torch.no_grad():
+        block = list(net.blocks[1].parameters())
+        expected = 0.5 * net.blocks[1].fc.weight.norm() / torch.sqrt(sum(p.pow(2).sum() for p in block))
+    assert drift["blocks.1"] == pytest.approx(float(expected), rel=1e-6)
+    assert drift["blocks.0"] == 0.0 and "head" not in drift
+    assert "head" in weight_drift(net, moved, exclude=())
+
+    # LoRA: the effective weight W + scaling * B @ A is compared, under the plain layer's name
+    adapted = copy.deepcopy(net)
+    add_lora(adapted, ["fc"], r=2, alpha=4)
+    assert weight_drift(net, adapted)["blocks.0"] == 0.0  # B starts at zero
+    with torch.no_grad():
+        adapted.blocks[0].fc.lora_B.fill_(0.1)
+    layer = adapted.blocks[0].fc
+    delta = layer.scaling * layer.lora_B @ layer.lora_A
+    assert torch.allclose(effective_state(adapted)["blocks.0.fc.weight"], net.blocks[0].fc.weight + delta)
+    assert weight_drift(net, adapted)["blocks.0"] > 0 and not layer.merged  # the model is not changed
+    with pytest.raises(ValueError, match="after has no parameter"):
+        weight_drift(net, nn.Linear(2, 2))
+    other = make_net(d=4, n_blocks=2)
+    with pytest.raises(ValueError, match="has shape"):
+        weight_drift(net, other)
