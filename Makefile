@@ -97,14 +97,15 @@ formgrader: setup
 
 # A real browser (system chromium, Playwright) runs all cells of a learner notebook in fast mode, saves, reloads,
 # and fails on a stopped run, an error box or a widget error. Installs chromium (apt) and playwright (pip) if
-# missing. Not part of `make test`. NB=00 picks notebooks/00_*.
+# missing. Not part of `make test`. NB=00 picks notebooks/00_*; ARGS=--plant-error checks that a planted failing
+# cell is caught.
 NB ?= 00
+ARGS ?=
 browser-check: setup
-	$(PY) tools/browser_check.py $(NB)
+	$(PY) tools/browser_check.py $(NB) $(ARGS)
 
 release: setup
-	cd grading && for a in $(ASSIGNMENTS); do $(BIN)/nbgrader generate_assignment "$$a" --force --log-level=WARN || exit 1; done
-	@echo "Released $(words $(ASSIGNMENTS)) assignments into notebooks/"
+	$(PY) -m grading_cli release $(ASSIGNMENTS)
 
 # Grade a class: collect -> repair -> run each submission in a sandbox (Dask, all cores) -> gradebook,
 # feedback, grading/grades.csv and grading/report.md. GRADE_ARGS e.g. "--scheduler tcp://host:8786".

@@ -12,6 +12,9 @@ all cells, saves, reloads the page and fails on:
 * a widget error after the reload ("Error displaying widget", "model not found"), or an "IProgress not found"
   warning (ipywidgets missing).
 
+``--plant-error`` checks the check: it plants a failing cell in the middle of the copy and passes only if the
+run is then reported as stopped with an error box (``make browser-check NB=00 ARGS=--plant-error``).
+
 Installs chromium with apt-get and playwright with pip when they are missing. Screenshots (after the run,
 after the reload) and the saved notebook go to ``--out``. Not part of ``make test``.
 """
@@ -94,7 +97,21 @@ JS_STATE = """() => {
 }"""
 
 
-def check(name: str, out: Path, timeout: float) -> int:
+PLANTED = 'raise RuntimeError("planted by browser_check --plant-error")'
+
+
+def plant_error(path: Path) -> int:
+    """Insert a failing code cell in the middle of the notebook at ``path``; returns its cell index."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    at = len(nb.cells) // 2
+    nb.cells.insert(at, nbformat.v4.new_code_cell(PLANTED))
+    nbformat.write(nb, path)
+    return at
+
+
+def check(name: str, out: Path, timeout: float, planted: bool = False) -> int:
     from playwright.sync_api import sync_playwright
 
     folders = sorted(p for p in (ROOT / "notebooks").glob(f"{name}*/") if (p / f"{p.name}.ipynb").exists())
@@ -107,6 +124,8 @@ def check(name: str, out: Path, timeout: float) -> int:
         root = Path(tmp) / "course"
         shutil.copytree(src, root / src.name)
         rel = f"{src.name}/{src.name}.ipynb"
+        if planted:
+            print(f"planted a failing cell at index {plant_error(root / rel)}", flush=True)
         token, port = secrets.token_hex(16), _free_port()
         with open(out / "jupyterlab.log", "w") as log:
             lab = start_lab(root, token, port, log)
@@ -182,6 +201,12 @@ def check(name: str, out: Path, timeout: float) -> int:
     print(f"[{time.time() - t0:5.0f}s] {len(code)} code cells, {len(code) - len(not_run)} ran; last cell says:")
     print("    " + "\n    ".join(last.strip().splitlines() or ["(nothing)"]))
     print(f"screenshots and the saved notebook: {out}")
+    if planted:
+        caught = any(p.startswith("stopped run") for p in problems) and any("planted by" in p for p in problems)
+        print(("SELF-CHECK PASSED: the planted error was reported" if caught else
+               "SELF-CHECK FAILED: the planted error was not reported as a stopped run with its error box")
+              + (":\n  - " + "\n  - ".join(problems) if problems else ""))
+        return 0 if caught else 1
     if problems:
         print("BROWSER CHECK FAILED:\n  - " + "\n  - ".join(problems))
         return 1
@@ -194,9 +219,11 @@ def main(argv=None) -> int:
     parser.add_argument("notebook", nargs="?", default="00", help="prefix of a notebooks/ folder (default 00)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "browser")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for Run All")
+    parser.add_argument("--plant-error", action="store_true",
+                        help="check the check: plant a failing cell; pass only if the run is reported stopped")
     args = parser.parse_args(argv)
     ensure_tools()
-    return check(args.notebook, args.out, args.timeout)
+    return check(args.notebook, args.out, args.timeout, planted=args.plant_error)
 
 
 if __name__ == "__main__":
