@@ -40,6 +40,27 @@ def check_test_cells(course: Course) -> list[str]:
     return problems
 
 
+def in_kernel_tests(course: Course) -> list[str]:
+    """Test cells whose hidden part still runs in the learner's kernel (no grader-side check, or one the
+    release had to skip): protected by the tamper scanner only (see docs/grading.md)."""
+    import nbformat
+
+    from .checks import registry
+
+    checks, out = registry(course.root), []
+    for path in sorted(course.source.glob("*/*.ipynb")):
+        stored = course.root / "expected" / f"{path.parent.name}.json"
+        skipped = {t for t, e in (json.loads(stored.read_text()) if stored.is_file() else {}).items() if "skipped" in e}
+        mine = checks.get(path.parent.name, {})
+        for cell in nbformat.read(path, as_version=4).cells:
+            meta = cell.metadata.get("nbgrader", {})
+            gid = meta.get("grade_id")
+            if meta.get("grade") and not meta.get("solution") and "### BEGIN HIDDEN TESTS" in cell.source and \
+                    (gid not in mine or gid in skipped):
+                out.append(f"{path.parent.name}:{gid}")
+    return out
+
+
 def _bare_comparisons(body) -> set[str]:
     """Names compared with == / in against a literal in asserts (what a gaming __eq__ fools)."""
     names = set()
@@ -57,7 +78,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m grading_cli", description=__doc__)
     p.add_argument("--course-root", default=str(REPO / "grading"), help="nbgrader course root (default: grading/)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("release", help="nbgrader generate_assignment for every (or the named) assignment")
+    r = sub.add_parser("release", help="nbgrader generate_assignment for every (or the named) assignment, then "
+                                       "the expected values of the grader-side checks from the solutions")
     r.add_argument("assignments", nargs="*")
     g = sub.add_parser("grade", help="collect -> repair -> execute in a sandbox -> score -> gradebook, feedback, CSV")
     g.add_argument("submissions",
@@ -98,6 +120,9 @@ def main(argv=None) -> int:
     if args.command == "check":
         problems = check_test_cells(course)
         print("\n".join(problems) or "test cells: ok")
+        kernel = in_kernel_tests(course)
+        print(f"hidden tests checked by the grader outside the kernel: all but {len(kernel)} test cells"
+              + (f" (in the kernel, scanner-protected only: {', '.join(kernel)})" if kernel else ""))
         print("sandbox level here:", probe_isolation("auto"))
         return 1 if problems else 0
     limits = {"cell_timeout": args.cell_timeout, "notebook_timeout": args.notebook_timeout,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 
+from .checks import load_expected
 from .nbmeta import kind_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,11 @@ class Course:
         return sorted(a for a in names if (self.release / a).is_dir())
 
     def release_all(self, names=None) -> list[str]:
-        """``nbgrader generate_assignment --force`` for each assignment (what ``make release`` does)."""
+        """The one release step (``make release``): for each assignment ``nbgrader generate_assignment --force``,
+        then the expected values of its grader-side checks, computed from the solutions in a fresh process
+        (``checks.compute_expected``: ``<course root>/expected/<assignment>.json``, never inside a sandbox)."""
+        from .checks import compute_expected
+
         names = list(names or self.source_assignments())
         for name in names:
             proc = subprocess.run([str(Path(sys.executable).parent / "nbgrader"), "generate_assignment", name,
@@ -69,6 +74,7 @@ class Course:
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"nbgrader generate_assignment {name} failed:\n{proc.stdout}{proc.stderr}")
+            compute_expected(self, name)
         return names
 
 
@@ -114,7 +120,9 @@ def assignment_spec(course: Course, name: str) -> dict:
                 if kind in ("test", "manual", "task"):
                     rel["points"] = float(gb.find_graded_cell(gid, notebook.name, name).max_score)
                 cells.append(rel)
-            spec["notebooks"].append({"name": notebook.name, "released": nbformat.writes(released), "cells": cells})
+            checks = load_expected(course, name, course.source / name / f"{notebook.name}.ipynb")
+            spec["notebooks"].append({"name": notebook.name, "released": nbformat.writes(released), "cells": cells,
+                                      "checks": checks})
     total = 0
     for f in sorted(adir.rglob("*")):
         rel = f.relative_to(adir).as_posix()

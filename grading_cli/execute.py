@@ -340,3 +340,53 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
                 for s, c in zip(statuses, nb.cells)]
     return {"statuses": statuses, "events": events, "seconds": round(time.monotonic() - t0, 2), "level": level,
             "limits": asdict(limits), "kernel_log": tail}
+
+
+def _read_file(path: Path, cap: int) -> bytes | None:
+    """A regular file the kernel wrote, without following a link it planted; None if missing or over ``cap``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size > cap:
+            return None
+        return f.read(cap + 1)[:cap]
+
+
+def run_checks(job: dict, files: dict[str, bytes], *, level: str = "none", limits: Limits | None = None,
+               scratch: str | None = None, timeout: int = 600) -> dict:
+    """Run ``grading_cli.checks.RUNNER`` on ``job`` (learner answers and the check cases, never the expected
+    values) in a fresh sandboxed process, in a job folder holding ``files``: the same walls and totals as a
+    kernel. Returns ``{"output": bytes or None, "seconds": float, "rc": int}``."""
+    from .checks import MAX_RESULT_BYTES, RUNNER
+
+    limits = limits or Limits()
+    job_dir = Path(tempfile.mkdtemp(prefix="c", dir=scratch))
+    t0 = time.monotonic()
+    rc, output = -1, None
+    try:
+        work = job_dir / "work"
+        argv = [sys.executable, "-c", RUNNER, str(work / ".grading_check_in.json"),
+                str(work / ".grading_check_out.json")]
+        write_spec(job_dir, level, limits, argv)
+        for name, data in files.items():
+            if name.startswith("/") or ".." in name.split("/"):
+                continue
+            target = work / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (work / ".grading_check_in.json").write_text(json.dumps(job))
+        (job_dir / "conn.json").touch()
+        try:
+            proc = subprocess.run([sys.executable, str(SANDBOX), str(job_dir / "sandbox.json"),
+                                   str(job_dir / "conn.json")], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+        output = _read_file(work / ".grading_check_out.json", MAX_RESULT_BYTES)
+    finally:
+        _clean(job_dir)
+    return {"output": output, "seconds": round(time.monotonic() - t0, 2), "rc": rc}

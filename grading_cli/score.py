@@ -12,6 +12,7 @@ import re
 
 import nbformat
 
+from .checks import answers_cell, compare, decision_plain, parse_answers
 from .sanitize import clean_notebook, md_escape
 
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
@@ -47,17 +48,27 @@ def parameters_cell(released_source: str, values: dict) -> str | None:
     return "# Parameters injected by the grader\n" + "\n".join(lines) if lines else None
 
 
-def build_exec(cells: list, rels_by_id: dict, params: dict) -> tuple[object, list[tuple[int, bool]]]:
-    """The notebook that actually runs, and for each of its cells (repaired index, hidden part?)."""
+def build_exec(cells: list, rels_by_id: dict, params: dict, checks: dict | None = None):
+    """The notebook that actually runs, and for each of its cells (repaired index, part): part is False
+    (visible), True (a hidden part run in the kernel) or ``"answers"`` (the cell printing a decision's answers).
+
+    A test cell with a grader-side check (``checks``, see ``grading_cli.checks``) sends only its visible
+    part to the kernel: its hidden part is never in the kernel, in any form."""
     nb = nbformat.v4.new_notebook()
-    where: list[tuple[int, bool]] = []
+    where: list[tuple[int, bool | str]] = []
+    checks = checks or {}
     for i, cell in enumerate(cells):
         meta = cell.metadata.get("nbgrader", {})
         rel = rels_by_id.get(meta.get("grade_id"))
         if cell.cell_type == "code" and rel and rel["kind"] == "test":
-            for hidden, code in split_hidden(cell.source):
+            check = checks.get(rel["grade_id"])
+            parts = [(h, code) for h, code in split_hidden(cell.source) if not (check and h)]
+            for hidden, code in parts or [(False, "pass  # every test of this cell is checked by the grader")]:
                 nb.cells.append(nbformat.v4.new_code_cell(code))
                 where.append((i, hidden))
+            if check and check["kind"] == "decision":
+                nb.cells.append(nbformat.v4.new_code_cell(answers_cell(check["names"])))
+                where.append((i, "answers"))
         else:
             nb.cells.append(copy.deepcopy(cell))
             where.append((i, False))
@@ -71,11 +82,15 @@ def build_exec(cells: list, rels_by_id: dict, params: dict) -> tuple[object, lis
 
 def merge(cells: list, exec_nb, where: list, statuses: list) -> list[dict]:
     """Copy outputs back onto ``cells``; return per repaired cell {status, visible, hidden} statuses/outputs."""
-    info = [{"status": None, "hidden": None, "visible_outputs": [], "hidden_error": None} for _ in cells]
+    info = [{"status": None, "hidden": None, "visible_outputs": [], "hidden_error": None, "answers": None}
+            for _ in cells]
     for (i, hidden), ecell, status in zip(where, exec_nb.cells, statuses):
         if i < 0 or ecell.cell_type != "code":
             continue
         cell, rec = cells[i], info[i]
+        if hidden == "answers":  # read by the grader, never shown, never scored by its own status
+            rec["answers"] = parse_answers(ecell.outputs)
+            continue
         cell.outputs = list(cell.get("outputs", [])) + list(ecell.outputs)
         cell.execution_count = ecell.get("execution_count")
         status = status or "ok"
@@ -88,6 +103,27 @@ def merge(cells: list, exec_nb, where: list, statuses: list) -> list[dict]:
         else:
             rec["visible_outputs"].extend(ecell.outputs)
     return info
+
+
+def apply_checks(cells: list, info: list, checks: dict, results: dict) -> None:
+    """Score each grader-side check in this process and record it as the cell's hidden verdict: exercises
+    from the check process's plain ``results``, decisions from the answers their cell printed."""
+    for cell, rec in zip(cells, info):
+        check = checks.get(cell.metadata.get("nbgrader", {}).get("grade_id"))
+        if not check or rec["status"] is None:
+            continue
+        if check["kind"] == "exercise":
+            ok, why = compare(check, results.get(check["test"]))
+        else:
+            got = rec["answers"]
+            plain = None if got is None else {n: decision_plain(got.get(n)) for n in check["names"]}
+            ok, why = compare(check, plain)
+            if got is None:
+                why = "the answers could not be read"
+        rec["hidden"] = "ok" if ok else "error"
+        rec["hidden_error"] = None if ok else f"checked by the grader: {why}"
+        if not ok and rec["status"] == "ok":
+            rec["status"] = "error"
 
 
 def reason(rec: dict, cell) -> str:

@@ -14,12 +14,13 @@ import traceback
 
 import nbformat
 
-from .execute import Limits, execute_notebook, probe_isolation
+from .checks import CHECK_SECONDS, job_for, own_definitions, preamble, read_results
+from .execute import Limits, execute_notebook, probe_isolation, run_checks
 from .flags import flag
 from .nbmeta import CONTENT_MATCH, plain_stem
 from .repair import content_score, repair
 from .sanitize import clean_notebook, md_escape, to_html
-from .score import build_exec, feedback_notebook, merge, score_cells
+from .score import apply_checks, build_exec, feedback_notebook, merge, score_cells
 from .tamper import protected_names, scan_submission, shadowing_files, summary
 
 
@@ -74,6 +75,31 @@ def _visible(nb, by_id: dict):
     return nb
 
 
+def _run_exercise_checks(checks, cells, info, rels, by_id, files, level, options) -> tuple[dict, float]:
+    """The code exercises whose visible tests passed, checked in one fresh sandboxed process: the learner's
+    answer cell (by grade id), after the notebook's imports and the learner's own helper definitions."""
+    released_code = {r["source"] for r in rels if r["cell_type"] == "code"}
+    where = {c.metadata.get("nbgrader", {}).get("grade_id"): k for k, c in enumerate(cells)}
+    rel_at = {r["grade_id"]: k for k, r in enumerate(rels) if r["grade_id"]}
+    rows = []
+    for test, check in checks.items():
+        k_test, k_answer = where.get(test), where.get(check["answer_id"])
+        if check["kind"] != "exercise" or k_test is None or info[k_test]["status"] != "ok":
+            continue
+        answer = cells[k_answer].source if k_answer is not None else ""
+        own = [c.source for c in cells[:k_answer or 0] if c.cell_type == "code" and c.source not in released_code
+               and not by_id.get(c.metadata.get("nbgrader", {}).get("grade_id"))]
+        rows.append(dict(check, preamble=preamble(rels, rel_at.get(check["answer_id"], 0)), own=own_definitions(own),
+                         answer=answer))
+    if not rows:
+        return {}, 0.0
+    limits = Limits(**options.get("limits", {}))
+    per = min(CHECK_SECONDS, limits.cell_timeout)
+    run = run_checks(job_for(rows, per), files, level=level, limits=limits, scratch=options.get("scratch"),
+                     timeout=limits.notebook_timeout + 60)
+    return read_results(run["output"]), run["seconds"]
+
+
 def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: str) -> dict:
     rels = nbspec["cells"]
     by_id = {r["grade_id"]: r for r in rels if r["grade_id"]}
@@ -96,7 +122,8 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     cells, repairs, flags = repair(rels, learner, nbspec["name"])
     out["repairs"] += repairs
     out["flags"] += flags
-    exec_nb, where = build_exec(cells, by_id, options.get("params", {}))
+    checks = (nbspec.get("checks") or {}) if options.get("checks", True) else {}  # off: hidden tests in the kernel
+    exec_nb, where = build_exec(cells, by_id, options.get("params", {}), checks)
     files = {k: v for k, v in sub["files"].items() if ".ipynb_checkpoints" not in k and k != pick}
     released_code = {r["source"] for r in rels if r["cell_type"] == "code"}
     learner_code = [(None if c.source in released_code else k + 1, c.source) for k, c in enumerate(cells)
@@ -115,6 +142,8 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
                            scratch=options.get("scratch"),
                            quiet=[k for k, (_, hidden) in enumerate(where) if hidden])
     info = merge(cells, exec_nb, where, run["statuses"])
+    results, check_seconds = _run_exercise_checks(checks, cells, info, rels, by_id, files, level, options)
+    apply_checks(cells, info, checks, results)
     scores = score_cells(cells, info, by_id)
     for kind, index in dict.fromkeys(run["events"]):
         detail = f"at cell {where[index][0] + 1}" if index >= 0 else ""
@@ -127,7 +156,8 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     feedback = feedback_notebook(cells, info, by_id, scores, header, released_md) if options.get("feedback", True) \
         else None
     graded_nb = clean_notebook(graded_nb, lambda c: c.source not in released_md)  # formgrader renders it
-    return dict(out, cells=scores, status="graded", seconds=run["seconds"], events=run["events"],
+    return dict(out, cells=scores, status="graded", seconds=round(run["seconds"] + check_seconds, 2),
+                check_seconds=check_seconds, events=run["events"],
                 kernel_log=run["kernel_log"],
                 autograded=nbformat.writes(graded_nb), feedback_html=to_html(feedback) if feedback else None)
 

@@ -46,11 +46,12 @@ EXPECTED = {
     "duplicated": (6, 6), "metadata_stripped": (6, 6), "reordered": (6, 6), "renamed": (6, 6),
     "huge_output": (6, 6), "crash": (2, 3), "stderr_noise": (6, 6), "gaming": (4, 4), "corrupt": (0, 0),
     "missing_student": (0, 0),
-    # hostile (issue 14): what the kernel gives; an undeserved point only ever comes with a tamper flag
-    "shadow_builtins": (6, 6), "kernel_alias": (0, 0), "patch_reference": (None, 6), "shadow_package": (6, 6),
-    "read_hidden": (6, 6), "hostile_output": (4, 3), "daemon": (6, 6),
+    # hostile (issue 14): no undeserved point (the grader checks outside the kernel), and tampering is flagged
+    "shadow_builtins": (4, 4), "kernel_alias": (0, 0), "patch_reference": (None, 5), "shadow_package": (6, 6),
+    "read_hidden": (6, 6), "hostile_output": (4, 3), "daemon": (6, 6), "read_frames": (6, 6),
+    "forge_answers": (4, 4),
 }
-UNDESERVED = {"shadow_builtins", "patch_reference"}  # full marks for wrong answers: must be flagged
+TAMPERING = {"shadow_builtins", "patch_reference", "read_frames"}  # must be flagged for a human
 PARTIAL = {  # right on the visible test, wrong on the hidden ones
     "01_alpha": {"ex1_warmup": "def warmup_factor(step, warmup_steps):\n    return step / warmup_steps if warmup_steps"
                                " else 1.0"},
@@ -181,7 +182,7 @@ def _secret_lines(course) -> set[str]:
 
 def test_hostile_cohort_gets_no_unflagged_point_and_leaks_nothing(graded):
     rows, course = graded["rows"], graded["course"]
-    for student in UNDESERVED | {"kernel_alias", "shadow_package"}:
+    for student in TAMPERING | {"kernel_alias", "shadow_package"}:
         for a in ("01_alpha", "02_beta"):
             if (student, a) in rows and rows[(student, a)]["status"] == "graded":
                 assert "suspicious_code" in rows[(student, a)]["flags"], (student, a, rows[(student, a)])
@@ -201,6 +202,15 @@ def test_hostile_cohort_gets_no_unflagged_point_and_leaks_nothing(graded):
         assert blobs, "the case printed the notebook files it could read"
         decoded = "".join(base64.b64decode(b).decode() for b in blobs)
         assert "BEGIN HIDDEN" not in decoded and not [x for x in _secret_lines(course) if x in decoded]
+        # nor in the kernel's process: history, linecache, every thread's frames, the gc's dicts (every test
+        # cell of the fixtures is checked by the grader, so no hidden line is ever sent to the kernel)
+        frames = _re.findall(r"FRAMES ([A-Za-z0-9+/=]+)", _outputs(course, "read_frames", a))
+        assert frames, "the case printed what it found"
+        found = base64.b64decode(frames[0]).decode()
+        assert "assert" in found, "it did see the visible tests"
+        assert not [x for x in _secret_lines(course) if x in found], found
+        # forged evidence (decisions.json, a line in the grader's answer format) changes nothing
+        assert rows[("forge_answers", a)]["score"] == str(EXPECTED["forge_answers"][a == "02_beta"])
     # no process outlives its submission (a detached daemon died with the sandbox's PID namespace)
     survivors = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -712,3 +722,105 @@ def test_real_course_assignments_grade_as_expected(tmp_path):
         assert float(row["score"]) == float(e["score"]), (e, row)
         assert set(e["repairs"].split(";")) <= set(row["repairs"].split(";")), (e, row)
         assert not set(row["flags"].split(";")) & TAMPER, row
+
+
+def test_checked_test_cells_send_no_hidden_line_to_the_kernel(specs):
+    """A test cell with a grader-side check runs only its visible part in the kernel (plus, for a decision,
+    a cell that prints the answers): the hidden source is in no cell the kernel gets."""
+    for spec in specs.values():
+        nbspec = spec["notebooks"][0]
+        assert nbspec["checks"], "every fixture test cell has a check"
+        by_id = {r["grade_id"]: r for r in nbspec["cells"] if r["grade_id"]}
+        cells = [nbformat.from_dict({"cell_type": r["cell_type"], "source": r["full"], "metadata": r["metadata"],
+                                     **({"outputs": [], "execution_count": None} if r["cell_type"] == "code" else {})})
+                 for r in nbspec["cells"]]
+        exec_nb, where = build_exec(cells, by_id, {}, nbspec["checks"])
+        sent = "\n".join(c.source for c in exec_nb.cells)
+        secret = {ln.strip() for r in nbspec["cells"] if r["kind"] == "test"
+                  for h, code in split_hidden(r["full"]) if h for ln in code.split("\n") if len(ln.strip()) > 10}
+        assert secret and not [x for x in secret if x in sent]
+        kinds = {c["kind"] for c in nbspec["checks"].values()}
+        assert kinds == {"exercise", "decision"} and sum(part == "answers" for _, part in where) == sum(
+            c["kind"] == "decision" for c in nbspec["checks"].values())
+        assert all("expected" in c and "expected" not in json.dumps({k: v for k, v in c.items() if k != "expected"})
+                   for c in nbspec["checks"].values())
+
+
+def test_same_compares_plain_data_strictly():
+    from grading_cli.checks import same
+
+    assert same(1, 1.0, 0, 1e-9) and same(0.5 + 1e-12, 0.5, 0, 1e-9) and not same(0.6, 0.5, 0, 1e-9)
+    assert not same(True, 1, 0, 0) and not same(1, True, 0, 0) and not same(True, 1.0, 0, 1)
+    assert same({"float": "nan"}, {"float": "nan"}, 0, 0) and not same(1.0, {"float": "nan"}, 0, 1)
+    t = {"tensor": "torch.float32", "shape": [2], "data": {"list": [1.0, 2.0]}}
+    assert same(t, t, 1e-5, 0) and not same(dict(t, tensor="torch.float64"), t, 1e-5, 0)
+    assert not same({"raised": "ValueError"}, None, 0, 0) and same({"raised": "ValueError"}, {"raised": "ValueError"}, 0, 0)
+    assert not same("regularization", "optimization", 0, 0) and not same({"list": [1]}, {"list": [1, 2]}, 0, 0)
+
+
+def test_stale_expected_values_are_refused(graded, tmp_path):
+    course = private(graded, tmp_path)
+    path = course.root / "expected" / "01_alpha.json"
+    stored = json.loads(path.read_text())
+    stored["ex1_warmup_tests"]["fingerprint"] = "0" * 16  # as after the solution or the check changed
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="make release"):
+        assignment_spec(course, "01_alpha")
+    path.unlink()
+    with pytest.raises(ValueError, match="make release"):
+        assignment_spec(course, "01_alpha")
+
+
+DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 14: they passed in the kernel)
+    "n00_warmup_cosine": "def warmup_cosine(step, warmup_steps, total_steps):\n"
+                         "    from course_lib.scenarios import recipe\n    import course_lib.schedules as s\n"
+                         "    return s.warmup_cosine_multiplier(step, warmup_steps, total_steps)",
+    "n04_ex_best_epoch": "from course_lib.scenarios.memorize import best_epoch_from_rows\n\n\n"
+                         "def choose_best_epoch(history_rows, metric='val_loss', mode='min'):\n"
+                         "    return best_epoch_from_rows(history_rows, metric, mode)",
+}
+
+
+def test_course_checks_pass_the_solutions_only():
+    """Every grader-side check of the course: the expected values come from the solutions (fresh process);
+    in the sandbox the solution passes, the released stub fails, and delegating to the reference fails."""
+    from grading_cli.checks import (COURSE, compare, job_for, read_results, run_trusted, solution_job,
+                                    solution_region)
+    from grading_cli.execute import run_checks
+
+    rows, expected, per = [], {}, []
+    for assignment, checks in COURSE.items():
+        path = ROOT / "solutions" / assignment / f"{assignment}.ipynb"
+        if path.exists():
+            jobs, _, skipped = solution_job(path, checks)
+            assert not skipped, skipped
+            per.append((path, checks, jobs))
+    got = run_trusted(job_for([row for _, _, jobs in per for row in jobs]))  # one process: each in a fresh namespace
+    for path, checks, jobs in per:
+        for row in jobs:
+            assert "__load__" not in got[row["test"]], got[row["test"]]
+            if row["kind"] == "decision":
+                assert all(isinstance(got[row["test"]][n], (str, int, float)) for n in row["names"]), got
+                continue
+            check = dict(row, expected=got[row["test"]], rtol=checks[row["test"]].rtol,
+                         atol=checks[row["test"]].atol)
+            expected[row["test"]] = check
+            source = nbformat.read(path, as_version=4)
+            answer_id = checks[row["test"]].answer
+            cell = next(c for c in source.cells if c.metadata.get("nbgrader", {}).get("grade_id") == answer_id)
+            stub = cell.source.replace(solution_region(cell.source), "")
+            stub = "\n".join("    raise NotImplementedError()" if ln.strip() == "### BEGIN SOLUTION" else ln
+                             for ln in stub.split("\n") if ln.strip() != "### END SOLUTION")
+            variants = {"solution": row["answer"], "stub": stub}
+            if answer_id in DELEGATE:
+                variants["delegate"] = DELEGATE[answer_id]
+            for name, answer in variants.items():
+                rows.append(dict(row, test=f"{row['test']}|{name}", answer=answer))
+    assert {t.split("|")[0] for t in expected} >= {"n00_warmup_cosine_tests", "n04_ex_best_epoch_tests"} or not rows
+    level = probe_isolation("auto")
+    run = run_checks(job_for(rows, 60), {}, level=level, timeout=600)
+    results = read_results(run["output"])
+    for row in rows:
+        test, variant = row["test"].split("|")
+        ok, why = compare(expected[test], results.get(row["test"]))
+        assert ok == (variant == "solution"), (row["test"], why)

@@ -137,10 +137,45 @@ def beta() -> _Builder:
     return b
 
 
+# The fixtures' grader-side checks (grading_cli.checks): every hidden test of both fixtures is checked
+# outside the learner's kernel, so the cohort exercises both kinds (code exercises, fixed decisions).
+GRADER_CHECKS = '''from grading_cli.checks import Decision, Exercise
+
+WARMUP = """
+def cases(f):
+    for s, w in [(0, 10), (5, 10), (10, 10), (50, 10), (3, 0)]:
+        yield f"step={s} warmup={w}", lambda s=s, w=w: f.warmup_factor(s, w)
+"""
+BEST = """
+def cases(f):
+    for losses in ([1.0], [2.0, 1.0, 1.0, 3.0], [5.0, 4.0, 3.0], [3.0, 2.0, 2.5]):
+        yield str(losses), lambda losses=losses: f.best_epoch(list(losses))
+"""
+LORA = """
+def cases(f):
+    for args in ((768, 3072, 8), (10, 2, 3), (4, 4, 1)):
+        yield str(args), lambda args=args: f.lora_params(*args)
+"""
+CHECKS = {
+    "01_alpha": {
+        "ex1_warmup_tests": Exercise("ex1_warmup_tests", "ex1_warmup", WARMUP, rtol=0.0, atol=1e-9),
+        "ex2_best_tests": Exercise("ex2_best_tests", "ex2_best", BEST),
+        "decision_tests": Decision("decision_tests", "decision", ("bottleneck",)),
+    },
+    "02_beta": {
+        "ex1_lora_tests": Exercise("ex1_lora_tests", "ex1_lora", LORA),
+        "decision_epoch_tests": Decision("decision_epoch_tests", "decision_epoch", ("best",), context=("history",)),
+        "decision_bottleneck_tests": Decision("decision_bottleneck_tests", "decision_bottleneck", ("bottleneck",)),
+    },
+}
+'''
+
+
 def build_course(root: Path, release: bool = True) -> Path:
     """A course root at ``root`` (grading/, solutions/, notebooks/) with both fixtures; returns grading/."""
     (root / "grading").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "grading" / "nbgrader_config.py", root / "grading" / "nbgrader_config.py")
+    (root / "grading" / "grader_checks.py").write_text(GRADER_CHECKS)
     for b in (alpha(), beta()):
         b.write(root)
     if release:

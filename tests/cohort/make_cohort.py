@@ -30,7 +30,7 @@ CASES = ["correct", "blank", "wrong_decision", "partial", "syntax_error", "infin
 # Hostile submissions (issue 14): each attack class, with the score the kernel gives and the flags that must
 # come with it (an undeserved point is acceptable only with a tamper flag, for a human to review).
 HOSTILE = ["shadow_builtins", "kernel_alias", "patch_reference", "shadow_package", "read_hidden", "hostile_output",
-           "daemon"]
+           "daemon", "read_frames", "forge_answers"]
 DAEMON = "grading-daemon-{marker}"
 ALWAYS_YES = ("\n\nclass _Yes(str):\n    __eq__ = lambda self, other: True\n    __hash__ = str.__hash__\n\n"
               "_real_type = type\n\n\ndef type(x, *rest):\n"
@@ -39,6 +39,21 @@ SILENCE = "_k = get_ipython\n_k().showtraceback = lambda *args, **kwargs: None  
 SHADOW = 'print("SHADOWED course_lib ran")\n'
 READ = ("import base64, pathlib\nfor _p in sorted(pathlib.Path('.').glob('*.ipynb')):\n"
         "    print(_p.name, base64.b64encode(_p.read_bytes()).decode())")
+# Everything in the kernel's process where a running test's source could be: the input history, linecache,
+# the frames of every thread and every string the garbage collector knows (printed base64, past redaction).
+FRAMES = ("import base64, gc, linecache, sys\n_seen = [repr(In), repr(_ih), repr(linecache.cache)]\n"
+          "for _f in sys._current_frames().values():\n    while _f is not None:\n"
+          "        _seen.append(repr(_f.f_code.co_filename) + repr(_f.f_globals.get('_ih', '')))\n"
+          "        _f = _f.f_back\n"
+          "_seen += [repr(o) for o in gc.get_objects() if type(o) is dict and '_ih' not in o and "
+          "any(type(v) is str and 'assert' in v for v in o.values())]\n"
+          "_lines = [ln for ln in '\\n'.join(_seen).replace('\\\\n', '\\n').split('\\n') if 'assert' in ln][:60]\n"
+          "print('FRAMES', base64.b64encode('\\n'.join(ln[:160] for ln in _lines).encode()).decode())")
+# A wrong answer, with the right one written where a grader might look for evidence: decisions.json in
+# out_dir and a line in the grader's answer format printed by the learner's own cell.
+FORGE = ("\nimport json as _json, os as _os, pathlib as _pl\n_d = _pl.Path(out_dir)\n"
+         "_d.mkdir(parents=True, exist_ok=True)\n(_d / 'decisions.json').write_text(_json.dumps({{{name!r}: {label!r}}}))\n"
+         "print('@@grading_cli answers@@', _json.dumps({{{name!r}: {label!r}}}))")
 HOSTILE_OUTPUT = (
     "from IPython.display import HTML, Javascript, display\n"
     "display(HTML('<script>document.title=\"PWNED-script\"</script><img src=x onerror=\"alert(\\'PWNED-img\\')\">'))\n"
@@ -210,7 +225,8 @@ def build_case(plan: Plan, case: str, second: bool):
         i, name, label = d
         nb.cells[i].source = plan.solution(i) + ALWAYS_YES.format(name=name, label=next(x for x in LABELS
                                                                                        if x != label))
-        flags = ["suspicious_code"]  # the kernel gives the points: flagged for a human
+        score -= plan.pts(i, name)  # the grader compares the printed answer in its own process
+        flags = ["suspicious_code"]
     elif case == "kernel_alias":  # nothing answered, error reporting silenced through an alias of get_ipython
         nb = copy.deepcopy(plan.released)
         nb.cells.insert(first, nbformat.v4.new_code_cell(SILENCE))
@@ -221,6 +237,7 @@ def build_case(plan: Plan, case: str, second: bool):
             return None
         i, data = hit
         nb.cells[i].source = f"{data}.clear()\n{data}.extend([0.1, 0.9])  # now epoch 0 is 'best'\n" + plan.solution(i)
+        score -= plan.pts(i, data)  # the truth comes from the solution at release time, not from the kernel
         flags = ["suspicious_code"]
     elif case == "shadow_package":  # a course_lib/ next to the notebook, imported by an honest-looking cell
         nb.cells.insert(first, nbformat.v4.new_code_cell("import course_lib\nprint(course_lib.__file__)"))
@@ -243,6 +260,18 @@ def build_case(plan: Plan, case: str, second: bool):
         nb.cells.append(nbformat.v4.new_code_cell(
             "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', "
             f"{DAEMON.format(marker=plan.name)!r}], start_new_session=True)"))
+    elif case == "read_frames":  # look for a running test's source in the history, linecache, frames, gc
+        nb.cells.append(nbformat.v4.new_code_cell(FRAMES))
+        flags = ["suspicious_code"]
+    elif case == "forge_answers":  # a wrong answer, the right one forged as evidence
+        d = plan.decision()
+        if d is None:
+            return None
+        i, name, label = d
+        wrong = next(x for x in LABELS if x != label)
+        nb.cells[i].source = re.sub(rf"^({name}\s*=\s*[\"']){label}", rf"\g<1>{wrong}", plan.solution(i), count=1,
+                                    flags=re.M) + FORGE.format(name=name, label=label)
+        score -= plan.pts(i, name)
     elif case == "corrupt":
         return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], [], {}
     return nb, fname, score, flags, repairs, extra
