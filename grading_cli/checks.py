@@ -148,6 +148,117 @@ def _shape(x, lo, hi):
             "median": bool(middle)}
 '''
 
+_ADAM_STEP = '''
+import torch
+
+
+def _step(f, tensors, step, kw):
+    copies = [t.clone() for t in tensors]
+    got = f.adam_step(*tensors, step, **kw)
+    return {"out": got, "inputs unchanged": all(torch.equal(a, b) for a, b in zip(copies, tensors))}
+
+
+def _chain(f, decoupled, gen):
+    w = torch.nn.Parameter(torch.randn(6, generator=gen))
+    p1, m1, v1 = w.detach().clone(), torch.zeros(6), torch.zeros(6)
+    grads = [torch.randn(6, generator=gen) for _ in range(5)]
+    return lambda: _chained(f, p1, m1, v1, grads, decoupled)
+
+
+def _chained(f, p1, m1, v1, grads, decoupled):
+    for i, grad in enumerate(grads):
+        p1, m1, v1 = f.adam_step(p1, grad, m1, v1, i, lr=1e-2, weight_decay=0.2, decoupled=decoupled)
+    return p1
+
+
+def cases(f):
+    gen = torch.Generator().manual_seed(123)
+    for shape in [(7,), (3, 5), (2, 3, 4)]:
+        for decoupled in (True, False):
+            for wd in (0.0, 0.1, 0.5):
+                for step in (0, 1, 9):
+                    p0 = torch.randn(shape, generator=gen)
+                    g0 = torch.randn(shape, generator=gen) * 0.01
+                    m0 = torch.randn(shape, generator=gen) * 0.01 if step else torch.zeros(shape)
+                    v0 = torch.rand(shape, generator=gen) * 1e-4 if step else torch.zeros(shape)
+                    kw = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
+                    yield (f"shape={shape} decoupled={decoupled} wd={wd} step={step}",
+                           lambda t=(p0, g0, m0, v0), step=step, kw=kw: _step(f, t, step, kw))
+    for decoupled in (True, False):
+        yield f"five chained steps, decoupled={decoupled}", _chain(f, decoupled, gen)
+'''
+
+_CLIP = '''
+import torch
+
+
+def _make(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 3), (7,), (2, 2, 5), (3,)]]
+    for i, q in enumerate(ps):
+        if i != 3:  # the last one has no gradient: it must be skipped
+            q.grad = torch.randn(q.shape, generator=g) * scale
+    return ps
+
+
+def _clip(f, seed, scale, max_norm):
+    ps = _make(seed, scale)
+    before = [q.grad.clone() for q in ps[:3]]
+    norm = f.clip_global_norm_((q for q in ps), max_norm)  # a generator, like model.parameters()
+    ok = torch.is_tensor(norm) and norm.dim() == 0
+    return {"norm": float(norm) if ok else "not a 0-dim tensor", "grads": [q.grad for q in ps[:3]],
+            "unchanged": all(torch.equal(q.grad, b) for q, b in zip(ps[:3], before)), "skipped": ps[3].grad is None}
+
+
+def _bad(f, max_norm):
+    try:
+        f.clip_global_norm_(_make(0, 1.0), max_norm)
+    except ValueError as err:
+        return {"raised": "ValueError", "names max_norm": "max_norm" in str(err)}
+    return "no error"
+
+
+def cases(f):
+    for seed, scale, max_norm in [(0, 10.0, 1.0), (1, 0.01, 1.0), (2, 3.0, 0.5), (3, 100.0, 250.0), (4, 1.0, 1e-3)]:
+        yield f"seed={seed} scale={scale} max_norm={max_norm}", lambda a=(seed, scale, max_norm): _clip(f, *a)
+    yield "no gradients", lambda: float(f.clip_global_norm_([torch.nn.Parameter(torch.ones(2))], 1.0))
+    for bad in (0.0, -1.0):
+        yield f"max_norm={bad}", lambda bad=bad: _bad(f, bad)
+'''
+
+_LORA_FORWARD = '''
+import torch
+
+
+def _merged(f, W, A, B, alpha, r):
+    W0 = W.clone()
+    merged = f.lora_merged_weight(W, A, B, alpha, r)
+    return {"merged": merged, "W unchanged": torch.equal(W, W0)}
+
+
+def _grads(f):
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(2, 6, generator=g).requires_grad_()
+    B = torch.randn(4, 2, generator=g).requires_grad_()
+    f.lora_forward(torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g), torch.zeros(4), A, B, 2.0,
+                   2).sum().backward()
+    return {"A": A.grad, "B": B.grad}
+
+
+def cases(f):
+    for seed, (d_in, d_out, r, alpha, shape, bias) in enumerate([
+            (8, 6, 2, 4.0, (5,), True), (16, 16, 4, 4.0, (2, 7), True), (12, 5, 1, 3.0, (3, 2, 4), False),
+            (32, 24, 8, 16.0, (9,), True)]):
+        g = torch.Generator().manual_seed(100 + seed)
+        W, A, B = (torch.randn(d_out, d_in, generator=g), torch.randn(r, d_in, generator=g) / d_in ** 0.5,
+                   torch.randn(d_out, r, generator=g))
+        b = torch.randn(d_out, generator=g) if bias else None
+        x = torch.randn(*shape, d_in, generator=g)
+        yield f"forward {seed}", lambda a=(x, W, b, A, B, alpha, r): f.lora_forward(*a)
+        yield f"merged {seed}", lambda a=(W, A, B, alpha, r): _merged(f, *a)
+    yield "gradients reach A and B", lambda: _grads(f)
+'''
+
 COURSE: dict[str, dict[str, Exercise | Decision]] = {
     "00_recipe_demo": {
         "n00_warmup_cosine_tests": Exercise(
@@ -157,6 +268,9 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
         "n00_decision_problem_tests": Decision("n00_decision_problem_tests", "n00_decision", ("first_problem",)),
     },
     "01_optimizers_regularization": {
+        "n01_ex_adam_step_tests": Exercise(
+            "n01_ex_adam_step_tests", "n01_ex_adam_step", _ADAM_STEP, rtol=1e-5, atol=1e-7,
+            forbid=("course_lib.scenarios.memorize:torch_adam_step",)),
         "n01_decision_bottleneck": Decision("n01_decision_bottleneck", "n01_decisions", ("memorizing_bottleneck",)),
         "n01_decision_collapsed": Decision("n01_decision_collapsed", "n01_decisions", ("collapsed_optimizer",)),
     },
@@ -167,7 +281,16 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
                     "course_lib.schedules:schedule_lrs")),
     },
     "03_clipping_stability": {
+        "n03_clip_global_norm_tests": Exercise(
+            "n03_clip_global_norm_tests", "n03_clip_global_norm", _CLIP, rtol=1e-5, atol=1e-7,
+            forbid=("torch.nn.utils:clip_grad_norm_", "torch.nn.utils:clip_grads_with_norm_",
+                    "torch.nn.utils:get_total_norm", "torch.nn.utils:clip_grad_norm",
+                    "course_lib.scenarios.recipe:clip_global_norm_")),
         "n03_decision_fix_tests": Decision("n03_decision_fix_tests", "n03_decision", ("first_fix", "bottleneck")),
+    },
+    "06_lora_by_hand": {
+        "n06_lora_forward_tests": Exercise("n06_lora_forward_tests", "n06_lora_forward", _LORA_FORWARD, rtol=1e-5,
+                                           atol=1e-5),
     },
     "04_checkpoints_early_stopping": {
         "n04_ex_best_epoch_tests": Exercise(
@@ -329,13 +452,19 @@ def forbid(targets, ns):
     import importlib
     for target in targets:
         mod, attr = target.split(":")
-        ref = getattr(importlib.import_module(mod), attr)
-        fake = stub(attr)
+        module = importlib.import_module(mod)
+        if not hasattr(module, attr):
+            continue
+        ref, fake = getattr(module, attr), stub(attr)
+        top = mod.split(".")[0]
         for name, m in list(sys.modules.items()):
-            if (name == "course_lib" or name.startswith("course_lib.")) and m is not None:
-                for k, v in list(vars(m).items()):
-                    if v is ref:
-                        setattr(m, k, fake)
+            if m is not None and name.split(".")[0] in ("course_lib", top):
+                try:
+                    for k, v in list(vars(m).items()):
+                        if v is ref:
+                            setattr(m, k, fake)
+                except _EXC:
+                    pass
         for k, v in list(ns.items()):
             if v is ref:
                 ns[k] = fake

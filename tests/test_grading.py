@@ -775,6 +775,9 @@ DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 
     "n00_warmup_cosine": "def warmup_cosine(step, warmup_steps, total_steps):\n"
                          "    from course_lib.scenarios import recipe\n    import course_lib.schedules as s\n"
                          "    return s.warmup_cosine_multiplier(step, warmup_steps, total_steps)",
+    "n03_clip_global_norm": "import torch\n\n\ndef clip_global_norm_(parameters, max_norm):\n"
+                            "    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)",
+    "n01_ex_adam_step": "from course_lib.scenarios.memorize import torch_adam_step as adam_step",
     "n04_ex_best_epoch": "from course_lib.scenarios.memorize import best_epoch_from_rows\n\n\n"
                          "def choose_best_epoch(history_rows, metric='val_loss', mode='min'):\n"
                          "    return best_epoch_from_rows(history_rows, metric, mode)",
