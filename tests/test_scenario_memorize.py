@@ -79,8 +79,8 @@ def test_noisy_labels_best_checkpoint_beats_the_final_one(noisy):
     """04: val accuracy falls after the best epoch; keeping the best checkpoint recovers test points."""
     for seed, ev in noisy.items():
         assert ev["best_epoch"] <= ev["final_epoch"] - 10, (seed, ev)
-        assert ev["val_drop"] >= 0.04, (seed, ev)
-        assert ev["test_gain"] >= 0.03, (seed, ev)
+        assert ev["val_drop"] >= 0.045, (seed, ev)  # 0.058-0.158 measured on seeds 0-19
+        assert ev["test_gain"] >= 0.02, (seed, ev)  # 0.031-0.125 measured on seeds 0-19
         assert ev["max_train_acc"] >= ev["true_label_train_acc"] + 0.03, (seed, ev)  # it fits wrong labels
         assert ev["stop_epoch"] is not None and ev["stop_epoch"] <= ev["final_epoch"] - 5, (seed, ev)
         assert ev["patience_best_epoch"] <= ev["stop_epoch"] - memorize.NOISY["patience"], (seed, ev)
@@ -184,5 +184,5 @@ def test_config_changes_one_thing_at_a_time():
         cfg, ref = memorize.RUNS[arm], memorize.RUNS[prev]
         assert {k for k in cfg if cfg[k] != ref[k]} == change, arm
     assert base["weight_decay"] == 0 and base["dropout"] == 0
-    assert memorize.noisy_epochs(True) < memorize.noisy_epochs(False)
+    assert memorize.noisy_epochs(True) == memorize.noisy_epochs(False) == memorize.NOISY["epochs"]  # mode-robust
     assert memorize.compare_epochs(True) <= memorize.compare_epochs(False) == memorize.MEMORIZE["epochs"]

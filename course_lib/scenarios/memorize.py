@@ -14,9 +14,11 @@ to ~0); the bottleneck is regularization. Changes tried one at a time (``RUNS``)
 * ``sgd_momentum``: SGD with momentum 0.9 at its own LR (0.1): it memorizes just the same.
 
 Notebook 04, ``NOISY``: the same MLP on the full training split with 20% of the training labels replaced by a
-wrong class. Validation accuracy peaks early (epoch 6-15), then falls by 5-15 points as the network memorizes
-the wrong labels; keeping the best checkpoint (rule ``val_acc``, ``max``) instead of the final one recovers
-5-13 test points on every seed.
+wrong class, 60 epochs in both modes. Validation accuracy peaks early (epoch 3-15 on seeds 0-19), then falls by
+6-16 points as the network memorizes the wrong labels; keeping the best checkpoint (rule ``val_acc``, ``max``)
+instead of the final one recovers 3-13 test points on every seed (measured on seeds 0-19, avx2 and default
+kernels). ``patience=10`` keeps the full run's best epoch on 19 of those 20 seeds; on seed 0 a *tie* (epoch 10
+scores exactly epoch 4's 0.9417, a coarse metric: 360 validation images) is no improvement, so it stops at 14.
 
 ``run(seed, fast)`` and ``run_noisy(seed, fast)`` replay the notebooks' runs for one seed and return the
 evidence they read, so tests can prove over seeds that the graded answers hold with a margin.
@@ -54,7 +56,7 @@ COMPARE_WD = ("adamw_same_wd", "adam_l2")
 """The two arms that give the same ``weight_decay`` number to AdamW and to Adam (L2); shorter in fast mode."""
 
 NOISY = {"label_noise": 0.2, "hidden": (512,), "batch_size": 32, "lr": 3e-3, "optimizer": "adamw",
-         "epochs": 60, "fast_epochs": 30, "metric": "val_acc", "mode": "max", "patience": 10, "interrupt_after": 10}
+         "epochs": 60, "fast_epochs": 60, "metric": "val_acc", "mode": "max", "patience": 10, "interrupt_after": 10}
 """The noisy-label run of notebook 04 and its checkpoint rule (``BestCheckpoint(metric, mode)``)."""
 
 
@@ -64,7 +66,7 @@ def compare_epochs(fast: bool) -> int:
 
 
 def noisy_epochs(fast: bool) -> int:
-    """Epochs of the noisy-label run: 30 in fast mode, 60 otherwise (the best epoch is 6-15 on seeds 0-4)."""
+    """Epochs of the noisy-label run: 60 in both modes (30 left the val drop at 2 points on seed 9)."""
     return by_mode(fast, fast=NOISY["fast_epochs"], full=NOISY["epochs"])
 
 

@@ -21,11 +21,11 @@ from torch import nn
 from ..data import digits_split, make_loaders
 from ..models import MLP
 from ..runtime import seed_everything
-from ..train import fit
+from ..train import TrainingDiverged, fit
 from . import by_mode
 
 __all__ = ["MODEL", "BATCH_SIZE", "RUNS", "FIXES", "FIX_OF_RUN", "epochs", "clip_global_norm_",
-           "dead_relu_fraction", "kept_val_acc", "clip_fraction", "evidence", "run"]
+           "dead_relu_fraction", "kept_val_acc", "clip_fraction", "evidence", "run", "NAN_RUN", "run_until_nan"]
 
 MODEL = {"in_features": 64, "hidden": (256, 256), "n_classes": 10}
 """``MLP(**MODEL)``: two hidden ReLU layers of 256 units."""
@@ -49,6 +49,11 @@ FIXES = ("clip", "schedule", "lower_lr")
 """The single changes notebook 03 tries (its ``first_fix`` decision is one of these)."""
 
 FIX_OF_RUN = {"clip_only": "clip", "schedule_only": "schedule", "lower_lr": "lower_lr"}
+
+NAN_RUN = {"optimizer": "sgd", "lr": 1e5}
+"""The symptom table's NaN row, for real (notebook 00): plain SGD at an absurd LR overflows to NaN within a few
+steps (step 3 on seeds 0-19; at 1e4 one seed of 20 stays finite) and ``fit`` stops with ``TrainingDiverged``
+instead of training on garbage. (Adam at 0.1 never gets there: the ReLU units die first, the loss stays finite.)"""
 
 def epochs(fast: bool) -> int:
     """Epochs per run: 20 in fast mode (about 340 optimizer steps), 40 otherwise."""
@@ -161,3 +166,19 @@ def run(seed: int = 0, fast: bool = True, arms=tuple(RUNS), device="cpu") -> dic
                       split_hash=split.split_hash, progress=False, **RUNS[arm])
         out[arm] = evidence(history, model, split.X_val)
     return out
+
+
+def run_until_nan(seed: int = 0, device="cpu", max_epochs: int = 1) -> TrainingDiverged | None:
+    """Train :data:`NAN_RUN` on the split of ``seed`` and return the ``TrainingDiverged`` that stops it (None if
+    ``max_epochs`` pass without a non-finite loss). ``err.step`` is the optimizer step that produced it,
+    ``err.history.steps`` the steps logged before."""
+    split = digits_split(seed)
+    seed_everything(seed)
+    model = MLP(**MODEL)
+    train_loader, val_loader, _ = make_loaders(split, BATCH_SIZE, seed=seed)
+    try:
+        fit(model, train_loader, val_loader, epochs=max_epochs, device=device, name="nan_run",
+            split_hash=split.split_hash, progress=False, **NAN_RUN)
+    except TrainingDiverged as err:
+        return err
+    return None
