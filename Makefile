@@ -23,7 +23,7 @@ help:
 	@echo "make portability the scenario tests under native, pinned and the oldest CPU kernels"
 	@echo "make seeds       the scenario tests on 20 seeds instead of 5"
 	@echo "make lab         JupyterLab on notebooks/ (the learner notebooks)"
-	@echo "make release     regenerate notebooks/ from solutions/ with nbgrader"
+	@echo "make release     notebooks/ from solutions/ (nbgrader) + the grader's expected values (grading/expected/)"
 	@echo "make grade SUBMISSIONS=<dir or .zip>  autograde a class -> grading/grades.csv, report.md, feedback/"
 	@echo "make sync        restamp the Colab badge and setup cell of every notebook"
 	@echo "make course-full the same as course, in full mode"
@@ -117,7 +117,7 @@ sync: setup
 	$(PY) tools/sync_notebooks.py
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 clean:
 	rm -rf runs .pytest_cache grading/gradebook.db

@@ -12,7 +12,7 @@
    pinned kernels, progress bars on; course_lib.setup_threads picks the thread count). Target: within 1.2x
    of the ``make course`` total.
 
-The benchmark works with whatever notebooks exist. ``python bench/course.py [--no-grade] [--only 00 03]``;
+The benchmark works with whatever notebooks exist. ``python -m bench.course [--no-grade] [--only 00 03]``;
 ``run()`` returns the rows for bench/run_all.py.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ one thread). The loops alternate round by round (the order rotates); the figure 
 paired ratios. What the ~5% buys, per step: the loss, the pre-clip global gradient norm (about 3.5% of a
 step of this small MLP: it reads every gradient once), the LR and the clip flag.
 
-    python bench/fit_overhead.py [--epochs 8] [--repeats 7]
+    python -m bench.fit_overhead [--epochs 8] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -19,18 +19,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import Timings, print_rows, setup_cpu  # noqa: E402
-
-from course_lib import seed_everything  # noqa: E402
-from course_lib.data import digits_split, make_loaders  # noqa: E402
-from course_lib.models import MLP  # noqa: E402
-from course_lib.train import evaluate, fit  # noqa: E402
+from bench.timing import Timings, print_rows, setup_cpu
+from course_lib import seed_everything
+from course_lib.data import digits_split, make_loaders
+from course_lib.models import MLP
+from course_lib.train import evaluate, fit
 
 TARGET = 1.05
 

@@ -1,6 +1,6 @@
 """Grading benchmark: seconds per submission, the speedup of Dask fan-out, the cost of the grader-side checks.
 
-Run ``python bench/grading.py`` (add ``--markdown`` for a markdown table). It builds the fixture course and
+Run ``python -m bench.grading`` (add ``--markdown`` for a markdown table). It builds the fixture course and
 cohort of ``tests/cohort`` (two small assignments, every case of the cohort, the hostile ones included) in a
 temporary folder, grades it with 1 worker, then with ``--workers`` (default: all cores), and checks that
 both give the same grades.csv. ``--cases correct blank ...`` grades a subset; ``--copies N`` repeats the
@@ -20,20 +20,30 @@ weigh on the 1-worker run the most.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from grading_cli import driver
+from grading_cli.course import Course
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "cohort"))  # the cohort builders are scripts, not a package
 
-from fixtures import build_course  # noqa: E402
-from make_cohort import make_cohort  # noqa: E402
 
-from grading_cli import driver  # noqa: E402
-from grading_cli.course import Course  # noqa: E402
+def _cohort_script(name: str):
+    """Import ``tests/cohort/<name>.py`` by path (the cohort builders are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"cohort_{name}", ROOT / "tests" / "cohort" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+build_course = _cohort_script("fixtures").build_course
+make_cohort = _cohort_script("make_cohort").make_cohort
 
 OPTIONS = {"limits": {"cell_timeout": 20, "notebook_timeout": 120, "interrupt_grace": 5}, "isolation": "auto",
            "unsafe": True,  # measure on whatever sandbox this machine has (reported in the 'sandbox' column)

@@ -17,7 +17,7 @@ CUDA: LoRA step <= 0.80 x full step. fp32 on CPU, bf16 autocast on CUDA. The var
 (order rotated each round); a ratio is the median over rounds of the two times measured back to back,
 absolute times are the best round (bench/timing.py, which also picks 1 or 2 CPU threads by machine load).
 
-    python bench/lora.py [--device cpu|cuda] [--size cpu|gpu] [--rounds 10] [--only tiny stack]
+    python -m bench.lora [--device cpu|cuda] [--size cpu|gpu] [--rounds 10] [--only tiny stack]
 
 peft is optional: without it the peft rows say "skipped". ``run()`` returns the rows for bench/run_all.py.
 """
@@ -28,18 +28,15 @@ import contextlib
 import sys
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from timing import interleaved, print_rows, setup_cpu  # noqa: E402
-
-from course_lib.lora import add_lora, lora_layers, merge_lora  # noqa: E402
-from course_lib.models import PROJECTIONS, TinyTransformer  # noqa: E402
-from course_lib.optimizers import optimizer_state_bytes  # noqa: E402
+from bench.timing import interleaved, print_rows, setup_cpu
+from course_lib.lora import add_lora, lora_layers, merge_lora
+from course_lib.models import PROJECTIONS, TinyTransformer
+from course_lib.optimizers import optimizer_state_bytes
 
 SEED, R, ALPHA = 0, 8, 16
 SIZES = {"cpu": dict(width=1024, blocks=4, tokens=512), "gpu": dict(width=4096, blocks=8, tokens=8192)}

@@ -1,6 +1,6 @@
 """Memory benchmark: measured bytes of one real training step against course_lib's predicted bytes.
 
-Run ``python bench/memory.py`` (add ``--markdown`` for a markdown table). For each configuration of a
+Run ``python -m bench.memory`` (add ``--markdown`` for a markdown table). For each configuration of a
 TinyTransformer (d_model=256, 4 layers, batch 64 of 8x8 images) it runs one step and compares weights,
 grads and optimizer state with ``predict_memory`` (target: measured / predicted within 1.00 +- 0.05).
 Activations (tensors saved for backward) have no predictor: they are reported, with a target relative to

@@ -10,7 +10,7 @@ slower than bitsandbytes' (course / bnb <= 1.00), reported for both paths of Ada
 the first compiled step: its seconds are reported on their own row and never enter a step time. Where
 no compiler works, the compiled rows say so. On CUDA, torch's fused AdamW joins as the moonshot reference.
 
-    python bench/optim8bit.py [--device cpu|cuda] [--sizes 1 4 16] [--rounds 9] [--no-compile]
+    python -m bench.optim8bit [--device cpu|cuda] [--sizes 1 4 16] [--rounds 9] [--no-compile]
 
 bitsandbytes is optional (its rows are skipped without it); on CPU it prints a harmless "Failed to load
 CPU gemm_4bit_forward" line at import. ``run()`` returns the rows for bench/run_all.py.
@@ -21,15 +21,12 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from timing import interleaved, print_rows, setup_cpu  # noqa: E402
-
-from course_lib.optim8bit import AdamW8bit  # noqa: E402
-from course_lib.optimizers import optimizer_state_bytes  # noqa: E402
+from bench.timing import interleaved, print_rows, setup_cpu
+from course_lib.optim8bit import AdamW8bit
+from course_lib.optimizers import optimizer_state_bytes
 
 SEED, LR, WD = 0, 1e-3, 1e-2
 STATE_TARGET, CPU_SPEED_TARGET = 0.27, 1.00

@@ -10,7 +10,7 @@ storage, so ``LoRALinear`` cannot take its dtype from it), the largest output di
 of the 4-bit weight measured against the format's prediction (target within 5%) and against fp32, bf16 and
 blockwise 8-bit. The variants are interleaved; ratios are medians of back-to-back pairs (bench/timing.py).
 
-    python bench/qlora.py [--width 2048] [--tokens 256] [--rounds 10] [--threads N]
+    python -m bench.qlora [--width 2048] [--tokens 256] [--rounds 10] [--threads N]
 
 bitsandbytes is optional: without it the bnb rows say "skipped". ``run()`` returns the rows for bench/run_all.py.
 """
@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from timing import interleaved, print_rows, setup_cpu  # noqa: E402
-
-from course_lib.lora import LoRALinear  # noqa: E402
-from course_lib.qlora import Linear4bit, nf4_nbytes, predicted_bits_per_param  # noqa: E402
+from bench.timing import interleaved, print_rows, setup_cpu
+from course_lib.lora import LoRALinear
+from course_lib.qlora import Linear4bit, nf4_nbytes, predicted_bits_per_param
 
 SEED, R, ALPHA, BYTES_TOL = 0, 8, 16, 0.05
 

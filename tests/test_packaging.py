@@ -108,3 +108,17 @@ def test_formgrader_prepares_a_complete_gradebook_and_exchange(tmp_path, monkeyp
     assert ("--allow-root" in cmd) == (os.geteuid() == 0)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "--allow-root" not in formgrader.lab_command(grading)
+
+
+def test_bench_is_a_package_run_with_python_dash_m():
+    """``python -m bench.run_all`` (make bench): every bench imports as ``bench.<name>`` with a ``run()``, and no
+    bench edits sys.path to find its siblings or the course."""
+    import importlib
+
+    run_all = importlib.import_module("bench.run_all")
+    for name in run_all.BENCHES:
+        assert callable(getattr(run_all.load_bench(name), "run", None)), name
+    for path in (ROOT / "bench").glob("*.py"):
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m bench.run_all" in makefile
