@@ -60,7 +60,8 @@ NF4_CODE = torch.tensor([
 """The 16 NF4 values (fp32, sorted), bitsandbytes' table: quantiles of N(0, 1) scaled to [-1, 1], exact 0 at
 code 7. Code ``k`` of a packed nibble means ``NF4_CODE[k]`` times the block's absmax."""
 
-_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # 15 midpoints: s <= bound[k] -> code k (ties go down)
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # byte -> (hi, lo) values  # 15 midpoints: s <= bound[k] -> code k (ties go down)
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -135,7 +136,7 @@ def nf4_quantize_block(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if block.dim() != 1:
         raise ValueError(f"block must be 1-D (one block of values, e.g. 64), got shape {tuple(block.shape)}")
     s, absmax = _blockwise_scaled(block.detach().float(), block.numel())
-    return torch.bucketize(s, _NF4_BOUNDS).to(torch.uint8), absmax[0]
+    return torch.bucketize(s, _NF4_BOUNDS.to(s.device)).to(torch.uint8), absmax[0]
 
 
 def _dynamic_lut() -> torch.Tensor:
@@ -166,7 +167,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
     inv = (1.0 / absmax).repeat_interleave(blocksize)[:n]
     s = torch.clamp(flat * inv, -1, 1)
     idx = ((s + 1.0) * 0.5 * 65535.0 + 0.5).long()  # the grid point; s = nan (zero block) is handled below
-    codes = _LUT[idx.clamp(0, 65535)]
+    codes = _LUT.to(idx.device)[idx.clamp(0, 65535)]
     codes = torch.where(absmax.repeat_interleave(blocksize)[:n] == 0, torch.zeros_like(codes), codes)
     return codes.view(x.shape), absmax
 
@@ -180,7 +181,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksi
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax has {absmax.numel()} values, but {n} codes in blocks of {blocksize} need "
                          f"{-(-n // blocksize)}")
-    values = _DYNAMIC.to(codes.device)[codes.reshape(-1).long()]
+    values = _DYNAMIC.to(codes.device).index_select(0, codes.reshape(-1).long())
     scale = absmax.float().repeat_interleave(blocksize)[:n]
     return (values * scale).view(codes.shape)
 
@@ -227,7 +228,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     s, absmax = _blockwise_scaled(w, blocksize)
     if s.numel() % 2:
         s = F.pad(s, (0, 1))  # scaled 0.0 -> code 7, bitsandbytes' padding
-    q = torch.bucketize(s, _NF4_BOUNDS).to(torch.uint8)
+    q = torch.bucketize(s, _NF4_BOUNDS.to(s.device)).to(torch.uint8)
     packed = (q[0::2] << 4) | q[1::2]
     scale = offset = None
     if double_quant:
@@ -246,11 +247,17 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     """``NF4_CODE[codes] * absmax[block]`` in fp32, in ``q.shape``, cast to ``dtype`` (default ``q.dtype``)."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"q must be an NF4Weight (from quantize_nf4), got {type(q).__name__}")
-    n = q.numel
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
-    values = NF4_CODE.to(q.packed.device)[codes]
-    absmax = _block_absmax(q).repeat_interleave(q.blocksize)[:n]
-    return (values * absmax).view(q.shape).to(q.dtype if dtype is None else dtype)
+    n, bs = q.numel, q.blocksize
+    # Performance: one row per byte from a (256, 2) table of (high, low) nibble values instead of two shifts, a
+    # stack and a lookup per code, with index_select (about 3x faster on CPU than advanced indexing ``t[idx]``);
+    # the scale broadcasts over (blocks, blocksize) instead of being repeated.
+    values = _BYTE_PAIRS.to(q.packed.device).index_select(0, q.packed.long()).view(-1)  # (2 ceil(n / 2),) fp32
+    absmax = _block_absmax(q)
+    blocks = absmax.numel()
+    if values.numel() < blocks * bs:  # a short last block
+        values = F.pad(values, (0, blocks * bs - values.numel()))
+    out = (values.view(blocks, bs) * absmax[:, None]).view(-1)[:n]
+    return out.view(q.shape).to(q.dtype if dtype is None else dtype)
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, stats_blocksize: int = 256) -> int:

@@ -20,12 +20,23 @@ from course_lib.scenarios import qlora as scenario
 from course_lib.scenarios.memory_budget import LLM, LLM_LORA
 
 SEEDS = scenario_seeds()
+_PRETRAINED: dict = {}
+
+
+def _pretrained(seed):
+    """Pretraining is the same in fast and full mode (``TRANSFER["source_epochs"]``): one model per seed."""
+    from course_lib.scenarios import transfer
+
+    assert transfer.TRANSFER["source_epochs"]["fast"] == transfer.TRANSFER["source_epochs"]["full"]
+    if seed not in _PRETRAINED:  # a TinyTransformer of 27k parameters: keeping 20 costs nothing
+        _PRETRAINED[seed] = transfer.pretrain(seed, True)[0]
+    return _PRETRAINED[seed]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_lora_on_the_nf4_base_matches_the_fp32_base(seed, fast, one_thread):
-    ev = scenario.run(seed, fast)
+def test_lora_on_the_nf4_base_matches_the_fp32_base(fast, seed, one_thread):
+    ev = scenario.compare(_pretrained(seed), seed, fast)
     src = ev["source_val_acc"]
     assert src["fp32"] >= 0.98 and src["nf4"] >= src["fp32"] - 0.01, src  # "where it was"
     assert 0.05 <= ev["weight_error"] <= 0.12, ev["weight_error"]         # "about a tenth" (notebook: ~0.09)
