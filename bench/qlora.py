@@ -6,9 +6,10 @@ quantization, dequantized in torch ops every forward), ``bnb`` (``bitsandbytes.n
 format, ``compute_dtype=float32``). Figures: forward time course / fp32 and course / bnb (reported; the
 4-bit forward pays a dequantization per call), one QLoRA training step (LoRA r=8 on the layer, forward +
 backward) on the 4-bit vs the fp32 base (not on bitsandbytes' layer: its ``weight`` is the packed uint8
-storage, so ``LoRALinear`` cannot take its dtype from it), the largest output difference course vs bnb (target 0: the same bits), and the bytes
-of the 4-bit weight measured against the format's prediction (target within 5%) and against fp32, bf16 and
-blockwise 8-bit. The variants are interleaved; ratios are medians of back-to-back pairs (bench/timing.py).
+storage, so ``LoRALinear`` cannot take its dtype from it), the largest output difference course vs bnb
+(target 0: the same bits), and the bytes of the 4-bit weight measured against the format's prediction
+(target within 5%) and against fp32, bf16 and blockwise 8-bit. The variants are interleaved; ratios are
+medians of back-to-back pairs (bench/timing.py).
 
     python -m bench.qlora [--width 2048] [--tokens 256] [--rounds 10] [--threads N]
 

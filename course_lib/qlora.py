@@ -11,7 +11,8 @@ the weight is dequantized on the fly in every forward. The storage format, in bi
    n is padded with the code of 0.0 (7). ``ceil(n / 2)`` bytes.
 3. **Double quantization** of the n/64 fp32 ``absmax`` values: subtract their mean ``offset`` (one fp32),
    then quantize blockwise to 8 bits (blocks of ``stats_blocksize`` = 256) with bitsandbytes' signed
-   *dynamic* map (``dynamic_map()``: 256 values, nearest, one fp32 scale per block of 256).
+   *dynamic* map (``dynamic_map()``: 256 values, one fp32 scale per block of 256; the nearest value of the
+   point of a 65,536-point grid next to ``x / scale``, as bitsandbytes' CPU kernel rounds).
 
 Dequantization: ``absmax_b = DYN[qa_b] * scale_{b // 256} + offset`` and ``w = NF4[q] * absmax_b``, in fp32,
 cast to the weight's dtype. Bits per parameter (the paper's 4.127)::
@@ -60,8 +61,8 @@ NF4_CODE = torch.tensor([
 """The 16 NF4 values (fp32, sorted), bitsandbytes' table: quantiles of N(0, 1) scaled to [-1, 1], exact 0 at
 code 7. Code ``k`` of a packed nibble means ``NF4_CODE[k]`` times the block's absmax."""
 
-_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # byte -> (hi, lo) values  # 15 midpoints: s <= bound[k] -> code k (ties go down)
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # 15 midpoints: s <= bound[k] -> code k (ties go down)
+_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # byte -> (hi, lo) values
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
