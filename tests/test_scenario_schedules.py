@@ -64,3 +64,21 @@ def test_sensible_range_caps_a_steepest_point_past_the_minimum():
     low, high = sc.sensible_lr_range(result)
     assert high <= 10 * result.suggestion("minimum/10") / 3 + 1e-12
     assert low <= result.suggestion("minimum/10") <= high
+
+
+def test_pair_spread_reuses_known_runs_and_checks_arguments():
+    rows = sc.pair_spread(1e-2, [0, 7], known={0: {"constant": 0.3, "cosine": 0.2}, 7: {"constant": 0.1, "cosine": 0.4}})
+    assert [r["seed"] for r in rows] == [0, 7]
+    assert rows[0]["constant - cosine"] == pytest.approx(0.1) and rows[1]["constant - cosine"] == pytest.approx(-0.3)
+    with pytest.raises(ValueError, match="seeds is empty"):
+        sc.pair_spread(1e-2, [])
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        sc.pair_spread(0.0, [0])
+
+
+def test_the_finder_lr_difference_is_small_next_to_the_aggressive_one(evidence):
+    """02 reads the finder-LR pair against the aggressive pair: on average over seeds the schedule matters much less
+    at the finder's LR than at 5x it."""
+    finder = [abs(ev["best_val_loss"]["constant @ finder"] - ev["best_val_loss"]["cosine @ finder"]) for ev in evidence]
+    top = [abs(ev["top_margin"]) for ev in evidence]
+    assert sum(finder) / len(finder) < 0.5 * sum(top) / len(top), (finder, top)

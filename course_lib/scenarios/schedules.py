@@ -21,7 +21,7 @@ from ..runtime import seed_everything
 from ..train import fit
 
 __all__ = ["MODEL", "BATCH_SIZE", "OPTIMIZER", "FINDER", "EPOCHS", "AGGRESSIVE_FACTOR", "SCHEDULES",
-           "GALLERY", "make_model", "lr_finder", "sensible_lr_range", "train", "run"]
+           "GALLERY", "SPREAD_SEEDS", "make_model", "lr_finder", "sensible_lr_range", "train", "pair_spread", "run"]
 
 MODEL = {"hidden": (256, 256)}
 """The MLP of notebook 00: 64 -> 256 -> 256 -> 10."""
@@ -45,6 +45,9 @@ GALLERY = {
     "polynomial": {"warmup_steps": 10, "total_steps": 100, "power": 2.0, "lr_end": 0.05},
 }
 """The arguments of each schedule in the notebook's gallery figure (LR 1.0, so the curve is the multiplier)."""
+
+SPREAD_SEEDS = 3
+"""Seeds of the noise estimate notebook 02 shows in both modes: the learner's seed and the next two."""
 
 
 def make_model() -> MLP:
@@ -101,3 +104,27 @@ def run(seed: int = 0, fast: bool = True, device="cpu") -> dict:
     return {"seed": seed, "steepest": finder.suggestion("steepest"), "minimum/10": lr, "lr": lr, "top_lr": top,
             "range": (low, high), "best_val_loss": best,
             "top_margin": best["constant @ top"] - best["cosine @ top"]}
+
+
+def pair_spread(lr: float, seeds, *, device="cpu", known: dict | None = None) -> list[dict]:
+    """The constant-vs-cosine pair at one ``lr`` on several seeds (each its own split and initial weights).
+
+    Returns one row per seed: ``{"seed", "constant", "cosine", "constant - cosine"}`` (best val loss of each run
+    under the default rule). ``known``: ``{seed: {"constant": value, "cosine": value}}`` for runs already trained
+    (the notebook's own seed), reused instead of training again. The spread of ``constant - cosine`` over the
+    seeds is the noise a single seed's difference must be read against.
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: pass at least one seed")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    rows = []
+    for seed in seeds:
+        if known and seed in known:
+            best = dict(known[seed])
+        else:
+            split = digits_split(seed)
+            best = {schedule: train(split, seed, lr, schedule, device=device).best_value for schedule in SCHEDULES}
+        rows.append({"seed": seed, **best, "constant - cosine": best["constant"] - best["cosine"]})
+    return rows
