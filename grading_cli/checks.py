@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import json
 import math
 import os
@@ -43,7 +44,6 @@ from pathlib import Path
 CHECK_SECONDS = 60  # per case, inside the check process
 LOAD_SECONDS = 120  # per answer cell with the learner's own helpers and their imports
 MAX_RESULT_BYTES = 20 * 2**20
-MARK = "@@grading_cli answers@@"
 
 
 @dataclass(frozen=True)
@@ -528,7 +528,9 @@ def compare(check: dict, results: dict | None) -> tuple[bool, str]:
     if results is None:
         return False, "the check did not finish (time limit, crash or limit)"
     if "__load__" in results:
-        return False, f"the answer cell did not run on its own ({results['__load__'].get('raised', 'error')})"
+        raised = results["__load__"].get("raised") if isinstance(results["__load__"], dict) else None
+        name = raised if isinstance(raised, str) and raised.isidentifier() and len(raised) < 60 else "error"
+        return False, f"the answer cell did not run on its own ({name})"
     want = check["expected"]
     for label, value in want.items():
         if label not in results:
@@ -701,23 +703,34 @@ def load_expected(course, assignment: str, source_nb: Path) -> dict[str, dict]:
     return out
 
 
-def answers_cell(names: list[str]) -> str:
-    """The cell that replaces a decision's hidden test in the kernel: it prints the answers, tests nothing."""
+ANSWERS_DIR = ".grading_answers"
+
+
+def answers_file(test: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", test)[:100] + ".json"
+
+
+def answers_cell(names: list[str], test: str) -> str:
+    """The cell that replaces a decision's hidden test in the kernel: it writes the answers as JSON to a file
+    of the job folder (read back by the grader after the run), tests nothing and prints nothing."""
     pairs = ", ".join(f"{n!r}: globals().get({n!r}, None)" for n in names)
-    return f"import json as _grading_json\nprint({MARK!r}, _grading_json.dumps({{{pairs}}}, default=repr))"
+    return ("import json as _grading_json, os as _grading_os\n"
+            f"_grading_d = _grading_os.environ.get('GRADING_ANSWERS', {ANSWERS_DIR!r})\n"
+            "_grading_os.makedirs(_grading_d, exist_ok=True)\n"
+            f"with open(_grading_os.path.join(_grading_d, {answers_file(test)!r}), 'w') as _grading_f:\n"
+            f"    _grading_f.write(_grading_json.dumps({{{pairs}}}, default=repr))\n"
+            "del _grading_json, _grading_os, _grading_f, _grading_d")
 
 
-def parse_answers(outputs) -> dict | None:
-    for o in outputs:
-        text = o.get("text", "") if o.get("output_type") == "stream" else ""
-        for line in text.splitlines():
-            if line.startswith(MARK + " "):
-                try:
-                    got = json.loads(line[len(MARK) + 1:])
-                except ValueError:
-                    return None
-                return got if isinstance(got, dict) else None
-    return None
+def parse_answers(data: bytes | None) -> dict | None:
+    """The answers file one decision's cell wrote (learner-controlled: parsed defensively)."""
+    if not data:
+        return None
+    try:
+        got = json.loads(data.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    return got if isinstance(got, dict) else None
 
 
 def decision_plain(value):

@@ -30,6 +30,8 @@ from nbclient.exceptions import DeadKernelError
 
 from course_lib.runtime import KERNEL_ENV
 
+from .checks import ANSWERS_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX = Path(__file__).resolve().with_name("sandbox.py")
 LEVELS = ("full", "net", "none")
@@ -311,10 +313,11 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
     statuses: list = [None] * len(nb.cells)
     events: list = []
     tail = ""
+    collected: dict[str, bytes] = {}
     t0 = time.monotonic()
     try:
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        write_spec(job, level, limits, argv, env)
+        write_spec(job, level, limits, argv, {"GRADING_ANSWERS": str(job / "work" / ANSWERS_DIR), **(env or {})})
         for name, data in files.items():
             if name.startswith("/") or ".." in name.split("/"):
                 continue
@@ -330,6 +333,7 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
             nb.metadata["grading_error"] = str(err)[:500]
         if any(kind in ("kernel_died", "kernel_failed") for kind, _ in events):
             tail = _read_tail(job / "kernel.log")
+        collected = _collect(job / "work" / ANSWERS_DIR)
         over = _read_tail(Path(str(job) + ".report"), 300)  # written by the sandbox's PID 1, out of the view
         if over:
             events.append(("limit_exceeded", -1))
@@ -339,7 +343,21 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
     statuses = ["not_run" if s is None and c.cell_type == "code" and c.source.strip() else s
                 for s, c in zip(statuses, nb.cells)]
     return {"statuses": statuses, "events": events, "seconds": round(time.monotonic() - t0, 2), "level": level,
-            "limits": asdict(limits), "kernel_log": tail}
+            "limits": asdict(limits), "kernel_log": tail, "answers": collected}
+
+
+def _collect(folder: Path, cap: int = 65536, most: int = 200) -> dict[str, bytes]:
+    """The regular files directly in ``folder`` (the decisions' answers), links never followed."""
+    out = {}
+    try:
+        names = sorted(os.listdir(folder))[:most]
+    except OSError:
+        return out
+    for name in names:
+        data = _read_file(folder / name, cap)
+        if data is not None:
+            out[name] = data
+    return out
 
 
 def _read_file(path: Path, cap: int) -> bytes | None:

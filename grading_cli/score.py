@@ -12,7 +12,7 @@ import re
 
 import nbformat
 
-from .checks import answers_cell, compare, decision_plain, parse_answers
+from .checks import answers_cell, answers_file, compare, decision_plain, parse_answers
 from .sanitize import clean_notebook, md_escape
 
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
@@ -67,7 +67,7 @@ def build_exec(cells: list, rels_by_id: dict, params: dict, checks: dict | None 
                 nb.cells.append(nbformat.v4.new_code_cell(code))
                 where.append((i, hidden))
             if check and check["kind"] == "decision":
-                nb.cells.append(nbformat.v4.new_code_cell(answers_cell(check["names"])))
+                nb.cells.append(nbformat.v4.new_code_cell(answers_cell(check["names"], rel["grade_id"])))
                 where.append((i, "answers"))
         else:
             nb.cells.append(copy.deepcopy(cell))
@@ -80,8 +80,9 @@ def build_exec(cells: list, rels_by_id: dict, params: dict, checks: dict | None 
     return nb, where
 
 
-def merge(cells: list, exec_nb, where: list, statuses: list) -> list[dict]:
-    """Copy outputs back onto ``cells``; return per repaired cell {status, visible, hidden} statuses/outputs."""
+def merge(cells: list, exec_nb, where: list, statuses: list, answers: dict | None = None) -> list[dict]:
+    """Copy outputs back onto ``cells``; return per repaired cell {status, visible, hidden} statuses/outputs.
+    ``answers``: the files the decisions' answers cells wrote (``{file name: bytes}``, see ``checks``)."""
     info = [{"status": None, "hidden": None, "visible_outputs": [], "hidden_error": None, "answers": None}
             for _ in cells]
     for (i, hidden), ecell, status in zip(where, exec_nb.cells, statuses):
@@ -89,7 +90,9 @@ def merge(cells: list, exec_nb, where: list, statuses: list) -> list[dict]:
             continue
         cell, rec = cells[i], info[i]
         if hidden == "answers":  # read by the grader, never shown, never scored by its own status
-            rec["answers"] = parse_answers(ecell.outputs)
+            gid = cell.metadata.get("nbgrader", {}).get("grade_id", "")  # only a file this run's cell wrote:
+            ran = (status or "ok") == "ok"  # a cell that failed (e.g. a read-only file planted) left a stale one
+            rec["answers"] = parse_answers((answers or {}).get(answers_file(gid))) if ran else None
             continue
         cell.outputs = list(cell.get("outputs", [])) + list(ecell.outputs)
         cell.execution_count = ecell.get("execution_count")

@@ -141,7 +141,7 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     run = execute_notebook(exec_nb, files, level=level, limits=Limits(**options.get("limits", {})),
                            scratch=options.get("scratch"),
                            quiet=[k for k, (_, hidden) in enumerate(where) if hidden])
-    info = merge(cells, exec_nb, where, run["statuses"])
+    info = merge(cells, exec_nb, where, run["statuses"], run.get("answers"))
     results, check_seconds = _run_exercise_checks(checks, cells, info, rels, by_id, files, level, options)
     apply_checks(cells, info, checks, results)
     scores = score_cells(cells, info, by_id)

@@ -667,6 +667,12 @@ def test_make_grade_target_calls_the_cli():
     assert "-m grading_cli grade" in proc.stdout and "some/dir" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_make_release_is_the_one_release_command():
+    """make release = python -m grading_cli release: nbgrader and the checks' expected values in one step."""
+    proc = subprocess.run(["make", "-n", "release"], cwd=ROOT, capture_output=True, text=True)
+    assert "-m grading_cli release" in proc.stdout and "generate_assignment" not in proc.stdout, proc.stdout
+
+
 def test_course_test_cells_are_scoreable():
     """The real course's test cells: no bare trailing expression (nbgrader's partial credit), markers paired."""
     from grading_cli.__main__ import check_test_cells

@@ -50,10 +50,11 @@ FRAMES = ("import base64, gc, linecache, sys\n_seen = [repr(In), repr(_ih), repr
           "_lines = [ln for ln in '\\n'.join(_seen).replace('\\\\n', '\\n').split('\\n') if 'assert' in ln][:60]\n"
           "print('FRAMES', base64.b64encode('\\n'.join(ln[:160] for ln in _lines).encode()).decode())")
 # A wrong answer, with the right one written where a grader might look for evidence: decisions.json in
-# out_dir and a line in the grader's answer format printed by the learner's own cell.
+# out_dir and the grader's own answers files (the cell the grader adds after the visible tests rewrites them).
 FORGE = ("\nimport json as _json, os as _os, pathlib as _pl\n_d = _pl.Path(out_dir)\n"
          "_d.mkdir(parents=True, exist_ok=True)\n(_d / 'decisions.json').write_text(_json.dumps({{{name!r}: {label!r}}}))\n"
-         "print('@@grading_cli answers@@', _json.dumps({{{name!r}: {label!r}}}))")
+         "_a = _pl.Path(_os.environ.get('GRADING_ANSWERS', '.grading_answers'))\n_a.mkdir(parents=True, exist_ok=True)\n"
+         "for _t in {tests!r}:\n    (_a / (_t + '.json')).write_text(_json.dumps({{{name!r}: {label!r}}}))")
 HOSTILE_OUTPUT = (
     "from IPython.display import HTML, Javascript, display\n"
     "display(HTML('<script>document.title=\"PWNED-script\"</script><img src=x onerror=\"alert(\\'PWNED-img\\')\">'))\n"
@@ -270,7 +271,8 @@ def build_case(plan: Plan, case: str, second: bool):
         i, name, label = d
         wrong = next(x for x in LABELS if x != label)
         nb.cells[i].source = re.sub(rf"^({name}\s*=\s*[\"']){label}", rf"\g<1>{wrong}", plan.solution(i), count=1,
-                                    flags=re.M) + FORGE.format(name=name, label=label)
+                                    flags=re.M) + FORGE.format(name=name, label=label, tests=[
+            plan.rels[k]["grade_id"] for k in plan.tests_of(i)])
         score -= plan.pts(i, name)
     elif case == "corrupt":
         return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], [], {}
