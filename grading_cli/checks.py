@@ -13,7 +13,8 @@ and the cell scores when both pass):
     release time (``python -m grading_cli release`` runs the solutions in a fresh process and stores them in
     ``<course root>/expected/<assignment>.json``, which no sandbox can see).
 ``Decision`` (an answer the notebook states, e.g. a bottleneck label): the hidden part is replaced by a
-    cell that prints the answer variables as JSON (no test in it); the grader compares the printed values
+    cell that writes the answer variables as JSON to a file of the job folder (no test in it; used only when
+    that cell ran without an error); the grader compares those values
     with the solution's values, computed at release time from the solution cell (and the read-only cells it
     names) in a fresh process. Only answers that do not depend on the learner's run are checked this way.
 
