@@ -136,6 +136,10 @@ class LoRALinear(nn.Module):
         """``base.weight += scaling * B A`` in place; then the forward is ``base(x)`` only."""
         if self.merged:
             raise RuntimeError("LoRALinear is already merged: call unmerge() before merging again")
+        if callable(getattr(self.base, "quantized", None)):  # qlora.Linear4bit: weight is a dequantized copy
+            raise RuntimeError("the base layer is quantized (qlora.Linear4bit): its weight is not stored in float, so "
+                               "a merge would be lost; merge into a float copy instead: nn.Linear with "
+                               "qlora.dequantize_nf4(base.quantized()) as its weight")
         w = self.base.weight
         w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scaling)
         self.merged = True

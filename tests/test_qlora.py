@@ -211,3 +211,12 @@ def test_quantize_model_4bit_errors():
     add_lora(lora_model, ["0"], r=2, alpha=2)
     with pytest.raises(TypeError, match="before add_lora"):
         Q.quantize_model_4bit(lora_model, ["0"])
+
+
+def test_merging_lora_into_a_4bit_base_is_refused():
+    """The 4-bit base's ``weight`` is a fresh dequantized tensor: a merge into it would be silently lost."""
+    torch.manual_seed(0)
+    layer = LoRALinear(Q.Linear4bit(nn.Linear(64, 32)), r=4, alpha=8)
+    with pytest.raises(RuntimeError, match="quantized"):
+        layer.merge()
+    assert not layer.merged
