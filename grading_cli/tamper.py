@@ -478,17 +478,19 @@ def defined_names(source: str) -> set[str]:
 def protected_names(released_cells: list[dict]) -> frozenset[str]:
     """Names defined by released read-only or plain code cells that a test cell (hidden part included) reads:
     the notebook objects the tests recompute the truth from."""
-    defined, used = set(), set()
+    defined, used, answers = set(), set(), set()
     for r in released_cells:
         if r["cell_type"] != "code":
             continue
+        if r["kind"] in ("solution", "manual"):  # what an answer stub binds is the learner's to bind
+            answers |= defined_names(r["source"])
         if r["kind"] in ("locked", "code"):
             defined |= defined_names(r["source"])
         elif r["kind"] == "test":
             code = to_python(r["full"])
             if code:
                 used |= {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
-    return frozenset(defined & used)
+    return frozenset((defined & used) - answers)
 
 
 def summary(hits: list[Hit], limit: int = 12) -> str:
