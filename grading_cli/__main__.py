@@ -40,6 +40,14 @@ def check_test_cells(course: Course) -> list[str]:
     return problems
 
 
+def hidden_test_cells(course: Course) -> int:
+    import nbformat
+
+    return sum("### BEGIN HIDDEN TESTS" in c.source for p in sorted(course.source.glob("*/*.ipynb"))
+               for c in nbformat.read(p, as_version=4).cells
+               if c.metadata.get("nbgrader", {}).get("grade") and not c.metadata.get("nbgrader", {}).get("solution"))
+
+
 def in_kernel_tests(course: Course) -> list[str]:
     """Test cells whose hidden part still runs in the learner's kernel (no grader-side check, or one the
     release had to skip): protected by the tamper scanner only (see docs/grading.md)."""
@@ -121,8 +129,10 @@ def main(argv=None) -> int:
         problems = check_test_cells(course)
         print("\n".join(problems) or "test cells: ok")
         kernel = in_kernel_tests(course)
-        print(f"hidden tests checked by the grader outside the kernel: all but {len(kernel)} test cells"
-              + (f" (in the kernel, scanner-protected only: {', '.join(kernel)})" if kernel else ""))
+        total = hidden_test_cells(course)
+        print(f"test cells with hidden tests: {total}, checked by the grader outside the kernel: "
+              f"{total - len(kernel)}" + (f"; in the kernel (scanner-protected only): {', '.join(kernel)}"
+                                          if kernel else ""))
         print("sandbox level here:", probe_isolation("auto"))
         return 1 if problems else 0
     limits = {"cell_timeout": args.cell_timeout, "notebook_timeout": args.notebook_timeout,
