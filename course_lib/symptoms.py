@@ -34,12 +34,13 @@ SYMPTOMS = (
      "first move": "train more of the model: unfreeze the top block, or add an adapter (LoRA)",
      "why": "the optimizer converged on what it may change; that part cannot fit the task",
      "bottleneck": "adaptation", "shown in": "04 (diagnosis), 05"},
-    {"symptom": "pretrained backbone moves too much: val falls after the first epochs of full fine-tuning",
+    {"symptom": "pretrained backbone moves too much: fine-tuning stays far below the frozen/partial runs or falls "
+                "after the first epochs, and the source task is forgotten (its accuracy through the old head drops)",
      "first move": "a smaller LR for the backbone than for the head, or freeze it / train an adapter",
      "why": "large updates overwrite the pretrained features the new task needs",
      "bottleneck": "adaptation", "shown in": "05, 09"},
 )
-"""Rows of the symptom table: ``symptom``, ``first move``, ``why``, ``bottleneck`` (one of BOTTLENECKS), ``shown in``."""
+"""Rows of the symptom table: ``symptom``, ``first move``, ``why``, ``bottleneck`` (of BOTTLENECKS), ``shown in``."""
 
 assert all(row["bottleneck"] in BOTTLENECKS for row in SYMPTOMS)
 

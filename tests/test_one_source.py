@@ -23,7 +23,7 @@ import course_lib.scenarios
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted(p for p in (ROOT / "solutions").glob("*/*.ipynb") if p.parent.name == p.stem)
 MIN_NODES = 30        # smaller functions (a two-line wrapper) are not copies worth flagging
-MAX_SIMILARITY = 0.7  # difflib ratio of the two shapes (measured: copies 0.71-0.82, wrappers and unrelated code <= 0.62)
+MAX_SIMILARITY = 0.7  # difflib ratio of the shapes (measured: copies 0.71-0.82, wrappers and other code <= 0.62)
 
 
 def _shape(fn: ast.AST) -> list[str]:

@@ -67,7 +67,8 @@ def test_sensible_range_caps_a_steepest_point_past_the_minimum():
 
 
 def test_pair_spread_reuses_known_runs_and_checks_arguments():
-    rows = sc.pair_spread(1e-2, [0, 7], known={0: {"constant": 0.3, "cosine": 0.2}, 7: {"constant": 0.1, "cosine": 0.4}})
+    known = {0: {"constant": 0.3, "cosine": 0.2}, 7: {"constant": 0.1, "cosine": 0.4}}
+    rows = sc.pair_spread(1e-2, [0, 7], known=known)
     assert [r["seed"] for r in rows] == [0, 7]
     assert rows[0]["constant - cosine"] == pytest.approx(0.1) and rows[1]["constant - cosine"] == pytest.approx(-0.3)
     with pytest.raises(ValueError, match="seeds is empty"):

@@ -36,6 +36,7 @@ from ..train import History, evaluate, fit
 from . import by_mode
 
 __all__ = ["MEMORIZE", "RUNS", "COMPARE_WD", "NOISY", "compare_epochs", "noisy_epochs", "make_memorize_run",
+           "make_noisy_run",
            "memorization_evidence", "is_memorizing", "eval_mode_gap", "evaluate_train_mode",
            "best_epoch_from_rows", "stop_epoch_from_rows", "torch_adam_step", "run", "run_noisy"]
 
@@ -193,6 +194,16 @@ def run(seed: int = 0, fast: bool = True, arms=tuple(RUNS), device="cpu") -> dic
     return out
 
 
+def make_noisy_run(seed: int):
+    """``(split, model, (train_loader, val_loader, test_loader))`` of notebook 04's noisy-label run: the split of
+    ``seed`` with ``NOISY["label_noise"]`` of the training labels replaced, the model built right after
+    ``seed_everything(seed)`` (the same weights and batches every time)."""
+    split = digits_split(seed, label_noise=NOISY["label_noise"])
+    seed_everything(seed)
+    model = MLP(hidden=NOISY["hidden"])
+    return split, model, make_loaders(split, NOISY["batch_size"], seed=seed)
+
+
 def run_noisy(seed: int = 0, fast: bool = True, device="cpu") -> dict:
     """Notebook 04's run for ``seed``: best vs final checkpoint on clean test data, and the patience stop.
 
@@ -201,11 +212,8 @@ def run_noisy(seed: int = 0, fast: bool = True, device="cpu") -> dict:
     true digit right would score on them: above it, the model fits wrong labels),
     ``stop_epoch`` (where ``patience`` would have stopped) and ``patience_best_epoch`` (the epoch it keeps).
     """
-    split = digits_split(seed, label_noise=NOISY["label_noise"])
+    split, model, (train_loader, val_loader, test_loader) = make_noisy_run(seed)
     changed = (split.y_train != digits_split(seed).y_train).float().mean().item()
-    seed_everything(seed)
-    model = MLP(hidden=NOISY["hidden"])
-    train_loader, val_loader, test_loader = make_loaders(split, NOISY["batch_size"], seed=seed)
     rule = BestCheckpoint(NOISY["metric"], NOISY["mode"])
     history: History = fit(model, train_loader, val_loader, epochs=noisy_epochs(fast), optimizer=NOISY["optimizer"],
                            lr=NOISY["lr"], checkpoint=rule, restore_best=False, device=device,

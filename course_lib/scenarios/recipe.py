@@ -25,7 +25,8 @@ from ..train import TrainingDiverged, fit
 from . import by_mode
 
 __all__ = ["MODEL", "BATCH_SIZE", "RUNS", "FIXES", "FIX_OF_RUN", "epochs", "clip_global_norm_",
-           "dead_relu_fraction", "kept_val_acc", "clip_fraction", "evidence", "run", "NAN_RUN", "run_until_nan"]
+           "dead_relu_fraction", "kept_val_acc", "clip_fraction", "evidence", "train_arm", "run", "NAN_RUN",
+           "run_until_nan"]
 
 MODEL = {"in_features": 64, "hidden": (256, 256), "n_classes": 10}
 """``MLP(**MODEL)``: two hidden ReLU layers of 256 units."""
@@ -147,6 +148,22 @@ def evidence(history, model: nn.Module, X_val: torch.Tensor) -> dict:
             "late_clip_frac": clip_fraction(steps[len(steps) // 2:])}
 
 
+def train_arm(arm: str, split, *, seed: int, fast: bool, device="cpu", progress: bool | None = False):
+    """One run of notebooks 00/03: ``MLP(**MODEL)`` with ``RUNS[arm]`` on ``split``; returns ``(history, model)``.
+
+    ``seed_everything(seed)`` right before the model is built, so every arm starts from the same weights and sees
+    the same batches; ``progress`` is passed to ``fit`` (the notebooks show bars, the tests do not).
+    """
+    if arm not in RUNS:
+        raise ValueError(f"arm must be one of {tuple(RUNS)}, got {arm!r}")
+    seed_everything(seed)
+    model = MLP(**MODEL)
+    train_loader, val_loader, _ = make_loaders(split, BATCH_SIZE, seed=seed)
+    history = fit(model, train_loader, val_loader, epochs=epochs(fast), device=device, name=arm,
+                  split_hash=split.split_hash, progress=progress, **RUNS[arm])
+    return history, model
+
+
 def run(seed: int = 0, fast: bool = True, arms=tuple(RUNS), device="cpu") -> dict:
     """Train the given arms on the digits split of ``seed``; return ``{arm: evidence(...)}``.
 
@@ -159,11 +176,7 @@ def run(seed: int = 0, fast: bool = True, arms=tuple(RUNS), device="cpu") -> dic
     split = digits_split(seed)
     out = {}
     for arm in arms:
-        seed_everything(seed)
-        model = MLP(**MODEL)
-        train_loader, val_loader, _ = make_loaders(split, BATCH_SIZE, seed=seed)
-        history = fit(model, train_loader, val_loader, epochs=epochs(fast), device=device, name=arm,
-                      split_hash=split.split_hash, progress=False, **RUNS[arm])
+        history, model = train_arm(arm, split, seed=seed, fast=fast, device=device)
         out[arm] = evidence(history, model, split.X_val)
     return out
 

@@ -49,7 +49,7 @@ from ..token_tasks import one_hot_features, source_task, target_task
 from ..train import History, evaluate, fit
 from . import by_mode
 
-__all__ = ["TRANSFER", "STRATEGIES", "RULE", "LR_ARMS", "mode", "make_model", "prepare", "fit_kwargs", "pretrain",
+__all__ = ["TRANSFER", "STRATEGIES", "RULE", "LR_ARMS", "make_model", "prepare", "fit_kwargs", "pretrain",
            "adapt", "stages", "adapt_staged", "lr_arm", "source_accuracy", "reuse", "train_scratch",
            "logistic_baseline", "run", "run_lr_study"]
 
@@ -78,11 +78,6 @@ STRATEGIES = ("frozen_head", "partial_unfreeze", "adapter", "full_finetune")
 
 RULE = {"metric": "val_acc", "mode": "max"}
 """The one checkpoint rule of the scenario: ``BestCheckpoint(**RULE)``."""
-
-
-def mode(fast: bool) -> str:
-    """``"fast"`` or ``"full"``: the key of ``TRANSFER``'s per-mode settings (``by_mode(fast, **table)`` reads one)."""
-    return by_mode(fast, fast="fast", full="full")
 
 
 def make_model() -> TinyTransformer:
