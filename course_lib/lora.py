@@ -134,24 +134,33 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """``base.weight += scaling * B A`` in place; then the forward is ``base(x)`` only."""
-        if self.merged:
-            raise RuntimeError("LoRALinear is already merged: call unmerge() before merging again")
-        if callable(getattr(self.base, "quantized", None)):  # qlora.Linear4bit: weight is a dequantized copy
-            raise RuntimeError("the base layer is quantized (qlora.Linear4bit): its weight is not stored in float, so "
-                               "a merge would be lost; merge into a float copy instead: nn.Linear with "
-                               "qlora.dequantize_nf4(base.quantized()) as its weight")
-        w = self.base.weight
-        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scaling)
+        self._add_delta(self._weight_to_merge(), 1.0)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """``base.weight -= scaling * B A``: undo ``merge()`` (exact up to floating-point rounding)."""
-        if not self.merged:
-            raise RuntimeError("LoRALinear is not merged: there is nothing to unmerge")
-        w = self.base.weight
-        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=-self.scaling)
+        self._add_delta(self._weight_to_unmerge(), -1.0)
         self.merged = False
+
+    def _weight_to_merge(self) -> torch.Tensor:
+        """``base.weight``, after checking that a merge is possible (not merged yet, a float base)."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged: call unmerge() before merging again")
+        if callable(getattr(self.base, "quantized", None)):  # qlora.Linear4bit: weight is a dequantized copy
+            raise RuntimeError("the base layer is quantized (qlora.Linear4bit): its weight is not stored in float, so "
+                               "a merge would be lost; merge into a float copy instead: nn.Linear with "
+                               "qlora.dequantize_nf4(base.quantized()) as its weight")
+        return self.base.weight
+
+    def _weight_to_unmerge(self) -> torch.Tensor:
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged: there is nothing to unmerge")
+        return self.base.weight
+
+    def _add_delta(self, w: torch.Tensor, sign: float) -> None:
+        """``w += sign * scaling * B A`` in place, in ``w``'s dtype."""
+        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=sign * self.scaling)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -83,11 +83,9 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merge(self) -> None:
         """``base.weight = (m / n)[:, None] * (W + s B A)``; then the forward is ``base(x)`` only."""
-        if self.merged:
-            raise RuntimeError("DoRALinear is already merged: call unmerge() before merging again")
-        w = self.base.weight
+        w = self._weight_to_merge()
         norm = self._row_norm()
-        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=self.scaling)
+        self._add_delta(w, 1.0)
         w.mul_((self.lora_magnitude / norm).to(w.dtype).unsqueeze(1))
         self._merged_norm = norm
         self.merged = True
@@ -95,11 +93,9 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def unmerge(self) -> None:
         """``base.weight = W' / (m / n)[:, None] - s B A`` with the ``n`` kept by ``merge()``."""
-        if not self.merged:
-            raise RuntimeError("DoRALinear is not merged: there is nothing to unmerge")
-        w = self.base.weight
+        w = self._weight_to_unmerge()
         w.div_((self.lora_magnitude / self._merged_norm).to(w.dtype).unsqueeze(1))
-        w.addmm_(self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=-self.scaling)
+        self._add_delta(w, -1.0)
         self._merged_norm = None
         self.merged = False
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import re
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys

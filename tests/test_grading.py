@@ -760,7 +760,8 @@ def test_same_compares_plain_data_strictly():
     assert same({"float": "nan"}, {"float": "nan"}, 0, 0) and not same(1.0, {"float": "nan"}, 0, 1)
     t = {"tensor": "torch.float32", "shape": [2], "data": {"list": [1.0, 2.0]}}
     assert same(t, t, 1e-5, 0) and not same(dict(t, tensor="torch.float64"), t, 1e-5, 0)
-    assert not same({"raised": "ValueError"}, None, 0, 0) and same({"raised": "ValueError"}, {"raised": "ValueError"}, 0, 0)
+    raised = {"raised": "ValueError"}
+    assert not same(raised, None, 0, 0) and same(raised, dict(raised), 0, 0)
     assert not same("regularization", "optimization", 0, 0) and not same({"list": [1]}, {"list": [1, 2]}, 0, 0)
 
 
@@ -793,8 +794,7 @@ DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 
 def test_course_checks_pass_the_solutions_only():
     """Every grader-side check of the course: the expected values come from the solutions (fresh process);
     in the sandbox the solution passes, the released stub fails, and delegating to the reference fails."""
-    from grading_cli.checks import (COURSE, compare, job_for, read_results, run_trusted, solution_job,
-                                    solution_region)
+    from grading_cli.checks import COURSE, compare, job_for, read_results, run_trusted, solution_job, solution_region
     from grading_cli.execute import run_checks
 
     rows, expected, per = [], {}, []

@@ -52,8 +52,10 @@ FRAMES = ("import base64, gc, linecache, sys\n_seen = [repr(In), repr(_ih), repr
 # A wrong answer, with the right one written where a grader might look for evidence: decisions.json in
 # out_dir and the grader's own answers files (the cell the grader adds after the visible tests rewrites them).
 FORGE = ("\nimport json as _json, os as _os, pathlib as _pl\n_d = _pl.Path(out_dir)\n"
-         "_d.mkdir(parents=True, exist_ok=True)\n(_d / 'decisions.json').write_text(_json.dumps({{{name!r}: {label!r}}}))\n"
-         "_a = _pl.Path(_os.environ.get('GRADING_ANSWERS', '.grading_answers'))\n_a.mkdir(parents=True, exist_ok=True)\n"
+         "_d.mkdir(parents=True, exist_ok=True)\n"
+         "(_d / 'decisions.json').write_text(_json.dumps({{{name!r}: {label!r}}}))\n"
+         "_a = _pl.Path(_os.environ.get('GRADING_ANSWERS', '.grading_answers'))\n"
+         "_a.mkdir(parents=True, exist_ok=True)\n"
          "for _t in {tests!r}:\n    (_a / (_t + '.json')).write_text(_json.dumps({{{name!r}: {label!r}}}))")
 HOSTILE_OUTPUT = (
     "from IPython.display import HTML, Javascript, display\n"
