@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import BOTTLENECKS
 
-__all__ = ["SYMPTOMS", "FIRST_RECIPE", "symptom_table", "show_symptom_table"]
+__all__ = ["SYMPTOMS", "FIRST_RECIPE", "SymptomTable", "symptom_table", "show_symptom_table"]
 
 FIRST_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4}
 """The strong first recipe a baseline starts from (``fit(model, ..., **FIRST_RECIPE)``)."""
@@ -55,19 +55,24 @@ def symptom_table(bottleneck: str | None = None):
     return pd.DataFrame(rows).set_index("symptom")
 
 
-def show_symptom_table(bottleneck: str | None = None) -> None:
-    """Display :func:`symptom_table` in a notebook as one HTML table (full text, left-aligned); print it elsewhere."""
-    df = symptom_table(bottleneck)
-    try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
-    except ImportError:  # pragma: no cover - IPython comes with every notebook
-        get_ipython = None
-    if get_ipython is None or get_ipython() is None:
+class SymptomTable:
+    """The table, shown in full: HTML in a notebook (``_repr_html_``: full text, left-aligned), text elsewhere."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def _repr_html_(self) -> str:
+        html = self.frame.to_html(justify="left", escape=True)
+        return html.replace("<td>", '<td style="text-align:left">')
+
+    def __repr__(self) -> str:
         import pandas as pd
 
         with pd.option_context("display.max_colwidth", None, "display.width", 200):
-            print(df.to_string())
-        return
-    html = df.to_html(justify="left", escape=True).replace("<td>", '<td style="text-align:left">')
-    display(HTML(html))
+            return self.frame.to_string()
+
+
+def show_symptom_table(bottleneck: str | None = None) -> SymptomTable:
+    """:func:`symptom_table` wrapped to display in full: the last expression of a notebook cell shows it as one
+    HTML table; ``print(show_symptom_table())`` prints it as text."""
+    return SymptomTable(symptom_table(bottleneck))

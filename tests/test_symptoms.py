@@ -29,9 +29,14 @@ def test_table_filters_by_bottleneck_and_checks_it():
         symptom_table("capacity")
 
 
-def test_show_prints_outside_a_notebook(capsys):
-    assert show_symptom_table("regularization") is None
-    assert "best checkpoint" in capsys.readouterr().out
+def test_show_renders_the_whole_table_as_html_and_as_text():
+    shown = show_symptom_table("regularization")
+    html, text = shown._repr_html_(), repr(shown)
+    for row in SYMPTOMS:
+        if row["bottleneck"] == "regularization":
+            assert row["first move"] in text and row["why"] in text  # no "..." truncation
+            assert row["first move"] in html
+    assert 'style="text-align:left"' in html and "slow but stable" not in html
 
 
 def test_first_recipe_is_the_strong_baseline():
