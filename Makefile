@@ -65,10 +65,10 @@ test: setup
 	@echo "nbval: re-run the solution notebooks and compare every output with the stored reference"
 	$(NB_ENV) $(PY) -m pytest -n $(JOBS) --dist loadfile -q $(PYTEST_ARGS) solutions \
 		--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
-	@echo "portable numerics: a slice of nbval as on an AVX2-only CPU, and the scenario margins with the oldest kernels (seeds 0-2; make portability: 0-4)"
+	@echo "portable numerics: a slice of nbval as on an AVX2-only CPU, and the scenario margins with the oldest kernels"
 	$(NB_ENV) $(AVX2_CPU) $(PY) -m pytest -n $(JOBS) --dist loadfile -q $(PYTEST_ARGS) $(PORTABLE_SLICE) \
 		--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
-	$(NB_ENV) $(OLD_KERNELS) COURSE_TEST_SEEDS=3 $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
+	$(NB_ENV) $(OLD_KERNELS) $(PY) -m pytest -n $(JOBS) -q $(PYTEST_ARGS) tests/test_scenario_*.py
 
 # The scenario tests under native, pinned (avx2) and the oldest (default) CPU kernels: their margins must hold
 # under each (CI runs the pinned and the oldest; run this on a new machine or after changing a scenario).
