@@ -108,8 +108,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        x, lead = self._flat_input(x)
         # Performance. The low-rank path is added *in place* into the frozen path's output, with one addmm_
         # whose alpha applies the scaling inside the matrix product: no (N, out) temporary for the product,
         # the scaling or the sum, in forward or backward (addmm_'s backward passes the output gradient
@@ -117,8 +116,6 @@ class LoRALinear(nn.Module):
         # a Linear's backward needs its input and weight, not its output. It works on the 2-D (N, out)
         # tensor itself: an in-place op on a view of a 3-D output makes autograd copy the whole output
         # gradient in backward. With dropout == 0 no dropout call touches x.
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)  # (N, in): a free view for a contiguous x
         out = self.base(x)  # (N, out): a fresh tensor (not a view), so it can be updated in place
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
@@ -130,6 +127,12 @@ class LoRALinear(nn.Module):
         bt = self.lora_B.t().to(out.dtype).contiguous()
         out.addmm_(h, bt, alpha=self.scaling)  # out += scaling * h B^T
         return out.view(*lead, self.out_features)
+
+    def _flat_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        """``x`` of shape ``(*, in)`` as ``(N, in)`` (a free view for a contiguous x) and its leading shape."""
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features), x.shape[:-1]
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -59,10 +59,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)  # (N, in)
+        x, lead = self._flat_input(x)  # (N, in)
         w, bias = self.base.weight, self.base.bias
         ratio = self.lora_magnitude / self._row_norm()  # (out,): m / n, n detached
         if self.lora_dropout is not None and self.training:
