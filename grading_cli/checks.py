@@ -273,7 +273,8 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
             "n01_ex_adam_step_tests", "n01_ex_adam_step", _ADAM_STEP, rtol=1e-5, atol=1e-7,
             forbid=("course_lib.scenarios.memorize:torch_adam_step",)),
         "n01_decision_bottleneck": Decision("n01_decision_bottleneck", "n01_decisions", ("memorizing_bottleneck",)),
-        "n01_decision_collapsed": Decision("n01_decision_collapsed", "n01_decisions", ("collapsed_optimizer",)),
+        "n01_decision_collapsed": Decision("n01_decision_collapsed", "n01_decision_collapsed_answer",
+                                           ("collapsed_optimizer",)),
     },
     "02_schedules_lr_finder": {
         "n02_ex_restarts_tests": Exercise(

@@ -32,14 +32,19 @@ def test_notebooks_numbered_in_sequence_and_released():
     assert [p.stem for p in RELEASED] == names, "run `make release`: notebooks/ must mirror solutions/"
 
 
-def test_make_course_runs_every_solution_notebook(tmp_path, one_thread):
-    """What `make course` runs: all solution notebooks, fast mode, summary with decisions, lab artifacts."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_course.py"), "--runs-dir", str(tmp_path)],
-                          env=kernel_env(), capture_output=True, text=True, timeout=1500)
+COURSE_SUBSET = ("00", "09")
+"""What test_make_course runs: the first notebook and the lab (nbval and the unsolved-run test already execute
+every notebook, so running all eleven a third time here would only cost CI minutes; `make course` runs them all)."""
+
+
+def test_make_course_runs_the_solution_notebooks(tmp_path, one_thread):
+    """What `make course` runs (on COURSE_SUBSET): fast mode, summary with decisions, lab artifacts."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_course.py"), "--runs-dir", str(tmp_path),
+                           "--only", *COURSE_SUBSET], env=kernel_env(), capture_output=True, text=True, timeout=1500)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     with open(tmp_path / "latest" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["notebook"] for r in rows] == [p.stem for p in SOLUTIONS]
+    assert [r["notebook"] for r in rows] == [p.stem for p in SOLUTIONS if p.stem.startswith(COURSE_SUBSET)]
     failed = {r["notebook"]: (r["cell"], r["error"]) for r in rows if r["status"] != "ok"}
     assert not failed, failed
     assert proc.returncode == 0

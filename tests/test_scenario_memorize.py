@@ -30,32 +30,48 @@ def noisy():
     return {seed: memorize.run_noisy(seed, fast=True) for seed in SEEDS}
 
 
+def _share(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags)
+
+
 def test_the_memorizing_run_memorizes_on_every_seed(evidence):
     """01's graded answer "regularization": train loss ~0, val loss bottoms out early and climbs back."""
     for seed, ev in evidence.items():
         base = ev["memorizing"]
-        assert base["final_train_loss"] < 0.002, (seed, base)           # the optimizer fits the training set
-        assert base["best_frac"] <= 0.3, (seed, base)                    # best epoch in the first third
-        assert base["gap_ratio"] >= 1.08, (seed, base)                   # val loss climbs back (1.12-1.27 measured)
+        assert base["final_train_loss"] < 1e-3, (seed, base)            # the optimizer fits the training set
+        assert base["best_frac"] <= 0.3, (seed, base)                    # best epoch 10-36 of 150 on seeds 0-19
+        assert base["gap_ratio"] >= 1.07, (seed, base)                   # climbs back: 1.096-1.472 on seeds 0-19
         assert memorize.is_memorizing(base), (seed, base)
-        assert base["final_val_acc"] >= base["best_val_acc"] - 0.04, (seed, base)  # overconfidence, not lost accuracy
+        assert base["final_val_acc"] >= base["best_val_acc"] - 0.05, (seed, base)  # overconfidence (drop <= 0.033)
 
 
-def test_another_optimizer_memorizes_just_the_same(evidence):
-    """SGD + momentum also fits the training set and memorizes: the bottleneck is not the optimizer."""
+def test_another_optimizer_memorizes_too_and_ends_above_the_regularized_run(evidence):
+    """SGD + momentum also fits the training set and memorizes (best epoch 6-23, final / best 1.074-1.299 on
+    seeds 0-19); where its kept checkpoint lands varies (below AdamW's on 8 of 20 seeds), but its final val loss
+    is above the wd + dropout run's on 19-20 of 20: the optimizer is not what stops the climb."""
     for seed, ev in evidence.items():
-        assert memorize.is_memorizing(ev["sgd_momentum"]), (seed, ev["sgd_momentum"])
+        sgd = ev["sgd_momentum"]
+        assert memorize.is_memorizing(sgd, max_best_frac=0.3), (seed, sgd)
+        assert sgd["final_train_loss"] < 1e-3, (seed, sgd)
+    assert _share(ev["sgd_momentum"]["final_val_loss"] > ev["wd_dropout"]["final_val_loss"]
+                  for ev in evidence.values()) >= 0.8
 
 
-def test_regularization_closes_the_gap(evidence):
-    """Weight decay, then weight decay + dropout: lower final val loss and a smaller rise, on every seed."""
+def test_regularization_lowers_where_the_run_ends(evidence):
+    """Weight decay, then weight decay + dropout: a lower final val loss on every seed (0.72-0.94x and
+    0.67-0.93x the memorizing run's on seeds 0-19), dropout's best epoch much later (+19..+130), and on most
+    seeds a smaller climb and (with dropout) a slightly lower best val loss (19 of 20)."""
     for seed, ev in evidence.items():
         base, wd, both = ev["memorizing"], ev["weight_decay"], ev["wd_dropout"]
         for reg in (wd, both):
-            assert reg["final_val_loss"] <= 0.9 * base["final_val_loss"], (seed, reg, base)
-            assert reg["gap_ratio"] <= base["gap_ratio"] - 0.05, (seed, reg, base)
-            assert reg["best_epoch"] > base["best_epoch"], (seed, reg, base)
-        assert both["best_val_loss"] < base["best_val_loss"], (seed, both, base)  # a little lower, every seed
+            assert reg["final_val_loss"] <= 0.96 * base["final_val_loss"], (seed, reg, base)
+            assert reg["best_epoch"] >= base["best_epoch"], (seed, reg, base)
+        assert both["best_epoch"] >= base["best_epoch"] + 10, (seed, both, base)
+    for arm in ("weight_decay", "wd_dropout"):
+        assert _share(ev[arm]["gap_ratio"] < ev["memorizing"]["gap_ratio"] for ev in evidence.values()) >= 0.8, arm
+    assert _share(ev["wd_dropout"]["best_val_loss"] < ev["memorizing"]["best_val_loss"]
+                  for ev in evidence.values()) >= 0.8
 
 
 def test_same_weight_decay_number_means_different_things(evidence):
@@ -71,7 +87,8 @@ def test_evaluating_with_dropout_on_is_worse_and_noisy(evidence):
     for seed, ev in evidence.items():
         gap = ev["wd_dropout"]
         assert gap["eval_loss"] == pytest.approx(gap["best_val_loss"], abs=1e-9), seed  # evaluate() is eval mode
-        assert gap["train_mode_loss_mean"] >= 1.02 * gap["eval_loss"], (seed, gap)  # 1.04-1.08 measured
+        # dropout-on / eval loss: 1.034-1.133 on seeds 0-19, both modes and kernels
+        assert gap["train_mode_loss_mean"] >= 1.02 * gap["eval_loss"], (seed, gap)
         assert gap["train_mode_loss_std"] > 1e-3, (seed, gap)
 
 
