@@ -21,7 +21,7 @@ and the cell scores when both pass):
 A test cell with no check here keeps its hidden part in the kernel (``store_history=False``), protected only
 by the tamper scanner (see docs/grading.md): ``python -m grading_cli check`` lists those cells.
 
-Cases are Python source defining ``cases(f)``: a generator of ``(label, thunk)``; ``f`` holds the answer's
+Cases (``grading_cli.cases``) are Python source defining ``cases(f)``: a generator of ``(label, thunk)``; ``f`` holds the answer's
 functions as attributes. A thunk's value is encoded by ``plain`` (below); an exception becomes
 ``{"raised": "ValueError"}``, so "must raise ValueError" is a case like any other. Per-course checks live in
 ``COURSE`` below; a course root may add or override them with a ``grader_checks.py`` defining ``CHECKS``
@@ -41,6 +41,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .cases import ADAM_STEP, BEST_EPOCH, CLIP, LOG_UNIFORM, LORA_FORWARD, RESTARTS, WARMUP_COSINE
 
 CHECK_SECONDS = 60  # per case, inside the check process
 LOAD_SECONDS = 120  # per answer cell with the learner's own helpers and their imports
@@ -83,194 +85,17 @@ def fingerprint(check, solution: str) -> str:
 # The course's checks (solutions/NN_name: test cell grade id -> check)
 # --------------------------------------------------------------------------------------------------------
 
-_WARMUP_COSINE = '''
-def cases(f):
-    for w, t in [(0, 50), (1, 7), (10, 110), (17, 340), (34, 680), (3, 3), (0, 1), (5, 6), (2, 1000)]:
-        yield f"warmup={w} total={t}", lambda w=w, t=t: [f.warmup_cosine(s, w, t) for s in range(t + 1)]
-'''
-
-_RESTARTS = '''
-def cases(f):
-    for w, t, c in [(0, 50, 1), (10, 110, 1), (10, 110, 3), (7, 100, 2.5), (0, 1, 1), (20, 20, 2), (3, 40, 4),
-                    (0, 97, 0.5), (1, 2, 1)]:
-        yield f"w={w} T={t} cycles={c}", lambda w=w, t=t, c=c: [
-            f.cosine_with_restarts_multiplier(s, w, t, c) for s in range(t + 15)]
-    yield "default cycles", lambda: [f.cosine_with_restarts_multiplier(s, 0, 100) for s in (0, 30, 99, 100, 120)]
-'''
-
-_BEST_EPOCH = '''
-import math
-import random
-
-
-def cases(f):
-    rng = random.Random(4)
-    for trial in range(300):
-        n = rng.randint(1, 25)
-        start = rng.randint(1, 6)
-        pool = [0.1, 0.2, 0.3, 0.5, math.nan] if trial % 2 else [rng.random() for _ in range(4)] + [math.nan]
-        metric = rng.choice(["val_loss", "val_acc", "f1"])
-        rows = [{"epoch": start + i, metric: rng.choice(pool), "other": rng.random()} for i in range(n)]
-        for mode in ("min", "max"):
-            yield f"trial {trial} {mode}", lambda rows=rows, metric=metric, mode=mode: f.choose_best_epoch(
-                [dict(r) for r in rows], metric, mode)
-    yield "all NaN", lambda: f.choose_best_epoch([{"epoch": 1, "val_loss": math.nan}], "val_loss", "min")
-    yield "no rows", lambda: f.choose_best_epoch([], "val_loss", "min")
-    rows = [{"epoch": 1, "val_acc": 0.8}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.9}]
-    for bad in ("best", "MAX", None):
-        yield f"mode={bad!r}", lambda bad=bad: f.choose_best_epoch(rows, "val_acc", bad)
-'''
-
-_LOG_UNIFORM = '''
-import numpy as np
-
-
-def cases(f):
-    yield "30000 in [1e-4, 1e-1]", lambda: _shape(f.sample_log_uniform(1e-4, 1e-1, 30000, np.random.default_rng(1)),
-                                                 1e-4, 1e-1)
-    yield "20000 in [2, 8]", lambda: _shape(f.sample_log_uniform(2.0, 8.0, 20000, np.random.default_rng(3)), 2.0, 8.0)
-    yield "same seed", lambda: bool(np.array_equal(f.sample_log_uniform(1e-4, 1e-1, 50, np.random.default_rng(7)),
-                                                   f.sample_log_uniform(1e-4, 1e-1, 50, np.random.default_rng(7))))
-    yield "other seed", lambda: bool(np.array_equal(f.sample_log_uniform(1e-4, 1e-1, 50, np.random.default_rng(7)),
-                                                    f.sample_log_uniform(1e-4, 1e-1, 50, np.random.default_rng(8))))
-    for bad in ((0.0, 1.0), (-1.0, 1.0), (1e-2, 1e-3), (1e-2, 1e-2)):
-        yield f"bounds {bad}", lambda bad=bad: f.sample_log_uniform(*bad, 5, np.random.default_rng(0)) is None
-
-
-def _shape(x, lo, hi):
-    """What the hidden test asked of a log-uniform sample: in range, a third per third of the log range,
-    the median at the geometric middle."""
-    assert type(x) is np.ndarray
-    logs = np.log(x)
-    edges = np.linspace(np.log(lo), np.log(hi), 4)
-    thirds = all(abs(float(np.mean((logs >= a) & (logs < b))) - 1 / 3) < 0.02 for a, b in zip(edges[:-1], edges[1:]))
-    middle = abs(float(np.median(np.log10(x))) - (np.log10(lo) + np.log10(hi)) / 2) < 0.05
-    return {"shape": list(x.shape), "inside": bool(np.all(x >= lo) and np.all(x <= hi)), "thirds": bool(thirds),
-            "median": bool(middle)}
-'''
-
-_ADAM_STEP = '''
-import torch
-
-
-def _step(f, tensors, step, kw):
-    copies = [t.clone() for t in tensors]
-    got = f.adam_step(*tensors, step, **kw)
-    return {"out": got, "inputs unchanged": all(torch.equal(a, b) for a, b in zip(copies, tensors))}
-
-
-def _chain(f, decoupled, gen):
-    w = torch.nn.Parameter(torch.randn(6, generator=gen))
-    p1, m1, v1 = w.detach().clone(), torch.zeros(6), torch.zeros(6)
-    grads = [torch.randn(6, generator=gen) for _ in range(5)]
-    return lambda: _chained(f, p1, m1, v1, grads, decoupled)
-
-
-def _chained(f, p1, m1, v1, grads, decoupled):
-    for i, grad in enumerate(grads):
-        p1, m1, v1 = f.adam_step(p1, grad, m1, v1, i, lr=1e-2, weight_decay=0.2, decoupled=decoupled)
-    return p1
-
-
-def cases(f):
-    gen = torch.Generator().manual_seed(123)
-    for shape in [(7,), (3, 5), (2, 3, 4)]:
-        for decoupled in (True, False):
-            for wd in (0.0, 0.1, 0.5):
-                for step in (0, 1, 9):
-                    p0 = torch.randn(shape, generator=gen)
-                    g0 = torch.randn(shape, generator=gen) * 0.01
-                    m0 = torch.randn(shape, generator=gen) * 0.01 if step else torch.zeros(shape)
-                    v0 = torch.rand(shape, generator=gen) * 1e-4 if step else torch.zeros(shape)
-                    kw = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
-                    yield (f"shape={shape} decoupled={decoupled} wd={wd} step={step}",
-                           lambda t=(p0, g0, m0, v0), step=step, kw=kw: _step(f, t, step, kw))
-    for decoupled in (True, False):
-        yield f"five chained steps, decoupled={decoupled}", _chain(f, decoupled, gen)
-'''
-
-_CLIP = '''
-import torch
-
-
-def _make(seed, scale):
-    g = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 3), (7,), (2, 2, 5), (3,)]]
-    for i, q in enumerate(ps):
-        if i != 3:  # the last one has no gradient: it must be skipped
-            q.grad = torch.randn(q.shape, generator=g) * scale
-    return ps
-
-
-def _clip(f, seed, scale, max_norm):
-    ps = _make(seed, scale)
-    before = [q.grad.clone() for q in ps[:3]]
-    norm = f.clip_global_norm_((q for q in ps), max_norm)  # a generator, like model.parameters()
-    ok = torch.is_tensor(norm) and norm.dim() == 0
-    return {"norm": float(norm) if ok else "not a 0-dim tensor", "grads": [q.grad for q in ps[:3]],
-            "unchanged": all(torch.equal(q.grad, b) for q, b in zip(ps[:3], before)), "skipped": ps[3].grad is None}
-
-
-def _bad(f, max_norm):
-    try:
-        f.clip_global_norm_(_make(0, 1.0), max_norm)
-    except ValueError as err:
-        return {"raised": "ValueError", "names max_norm": "max_norm" in str(err)}
-    return "no error"
-
-
-def cases(f):
-    for seed, scale, max_norm in [(0, 10.0, 1.0), (1, 0.01, 1.0), (2, 3.0, 0.5), (3, 100.0, 250.0), (4, 1.0, 1e-3)]:
-        yield f"seed={seed} scale={scale} max_norm={max_norm}", lambda a=(seed, scale, max_norm): _clip(f, *a)
-    yield "no gradients", lambda: float(f.clip_global_norm_([torch.nn.Parameter(torch.ones(2))], 1.0))
-    for bad in (0.0, -1.0):
-        yield f"max_norm={bad}", lambda bad=bad: _bad(f, bad)
-'''
-
-_LORA_FORWARD = '''
-import torch
-
-
-def _merged(f, W, A, B, alpha, r):
-    W0 = W.clone()
-    merged = f.lora_merged_weight(W, A, B, alpha, r)
-    return {"merged": merged, "W unchanged": torch.equal(W, W0)}
-
-
-def _grads(f):
-    g = torch.Generator().manual_seed(7)
-    A = torch.randn(2, 6, generator=g).requires_grad_()
-    B = torch.randn(4, 2, generator=g).requires_grad_()
-    f.lora_forward(torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g), torch.zeros(4), A, B, 2.0,
-                   2).sum().backward()
-    return {"A": A.grad, "B": B.grad}
-
-
-def cases(f):
-    for seed, (d_in, d_out, r, alpha, shape, bias) in enumerate([
-            (8, 6, 2, 4.0, (5,), True), (16, 16, 4, 4.0, (2, 7), True), (12, 5, 1, 3.0, (3, 2, 4), False),
-            (32, 24, 8, 16.0, (9,), True)]):
-        g = torch.Generator().manual_seed(100 + seed)
-        W, A, B = (torch.randn(d_out, d_in, generator=g), torch.randn(r, d_in, generator=g) / d_in ** 0.5,
-                   torch.randn(d_out, r, generator=g))
-        b = torch.randn(d_out, generator=g) if bias else None
-        x = torch.randn(*shape, d_in, generator=g)
-        yield f"forward {seed}", lambda a=(x, W, b, A, B, alpha, r): f.lora_forward(*a)
-        yield f"merged {seed}", lambda a=(W, A, B, alpha, r): _merged(f, *a)
-    yield "gradients reach A and B", lambda: _grads(f)
-'''
-
 COURSE: dict[str, dict[str, Exercise | Decision]] = {
     "00_recipe_demo": {
         "n00_warmup_cosine_tests": Exercise(
-            "n00_warmup_cosine_tests", "n00_warmup_cosine", _WARMUP_COSINE, atol=1e-9, rtol=0.0,
+            "n00_warmup_cosine_tests", "n00_warmup_cosine", WARMUP_COSINE, atol=1e-9, rtol=0.0,
             forbid=("course_lib.schedules:warmup_cosine_multiplier", "course_lib.schedules:warmup_multiplier",
                     "course_lib.schedules:make_scheduler", "course_lib.schedules:schedule_lrs")),
         "n00_decision_problem_tests": Decision("n00_decision_problem_tests", "n00_decision", ("first_problem",)),
     },
     "01_optimizers_regularization": {
         "n01_ex_adam_step_tests": Exercise(
-            "n01_ex_adam_step_tests", "n01_ex_adam_step", _ADAM_STEP, rtol=1e-5, atol=1e-7,
+            "n01_ex_adam_step_tests", "n01_ex_adam_step", ADAM_STEP, rtol=1e-5, atol=1e-7,
             forbid=("course_lib.scenarios.memorize:torch_adam_step",)),
         "n01_decision_bottleneck": Decision("n01_decision_bottleneck", "n01_decisions", ("memorizing_bottleneck",)),
         "n01_decision_collapsed": Decision("n01_decision_collapsed", "n01_decision_collapsed_answer",
@@ -278,31 +103,31 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
     },
     "02_schedules_lr_finder": {
         "n02_ex_restarts_tests": Exercise(
-            "n02_ex_restarts_tests", "n02_ex_restarts", _RESTARTS, atol=1e-9, rtol=0.0,
+            "n02_ex_restarts_tests", "n02_ex_restarts", RESTARTS, atol=1e-9, rtol=0.0,
             forbid=("course_lib.schedules:warmup_cosine_restarts_multiplier", "course_lib.schedules:make_scheduler",
                     "course_lib.schedules:schedule_lrs")),
     },
     "03_clipping_stability": {
         "n03_clip_global_norm_tests": Exercise(
-            "n03_clip_global_norm_tests", "n03_clip_global_norm", _CLIP, rtol=1e-5, atol=1e-7,
+            "n03_clip_global_norm_tests", "n03_clip_global_norm", CLIP, rtol=1e-5, atol=1e-7,
             forbid=("torch.nn.utils:clip_grad_norm_", "torch.nn.utils:clip_grads_with_norm_",
                     "torch.nn.utils:get_total_norm", "torch.nn.utils:clip_grad_norm",
                     "course_lib.scenarios.recipe:clip_global_norm_")),
         "n03_decision_fix_tests": Decision("n03_decision_fix_tests", "n03_decision", ("first_fix", "bottleneck")),
     },
     "06_lora_by_hand": {
-        "n06_lora_forward_tests": Exercise("n06_lora_forward_tests", "n06_lora_forward", _LORA_FORWARD, rtol=1e-5,
+        "n06_lora_forward_tests": Exercise("n06_lora_forward_tests", "n06_lora_forward", LORA_FORWARD, rtol=1e-5,
                                            atol=1e-5),
     },
     "04_checkpoints_early_stopping": {
         "n04_ex_best_epoch_tests": Exercise(
-            "n04_ex_best_epoch_tests", "n04_ex_best_epoch", _BEST_EPOCH,
+            "n04_ex_best_epoch_tests", "n04_ex_best_epoch", BEST_EPOCH,
             forbid=("course_lib.scenarios.memorize:best_epoch_from_rows",
                     "course_lib.scenarios.memorize:stop_epoch_from_rows")),
         "n04_decision_keep": Decision("n04_decision_keep", "n04_decisions", ("keep",)),
     },
     "08_hparam_search": {
-        "n08_ex_log_uniform_tests": Exercise("n08_ex_log_uniform_tests", "n08_ex_log_uniform", _LOG_UNIFORM),
+        "n08_ex_log_uniform_tests": Exercise("n08_ex_log_uniform_tests", "n08_ex_log_uniform", LOG_UNIFORM),
         "n08_decision_metric": Decision("n08_decision_metric", "n08_decision_metric_answer", ("selection_metric",)),
     },
 }
