@@ -179,3 +179,133 @@ def cases(f):
         yield f"merged {seed}", lambda a=(W, A, B, alpha, r): _merged(f, *a)
     yield "gradients reach A and B", lambda: _grads(f)
 '''
+
+NO_DECAY = '''
+import torch
+
+from course_lib.freezing import freeze, unfreeze_top_k
+from course_lib.models import MLP, TinyTransformer
+
+
+def _split(f, model, wd):
+    """The groups by parameter name: which names decay at ``wd``, which at 0, none twice, none empty."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = f.no_decay_groups(model, wd)
+    if type(groups) is not list or not groups:
+        return "not a non-empty list"
+    out, seen = {"decay": [], "no_decay": []}, []
+    for g in groups:
+        if type(g) is not dict or "params" not in g or "weight_decay" not in g:
+            return "a group is not a dict with params and weight_decay"
+        w = g["weight_decay"]
+        if type(w) not in (int, float):
+            return "a weight_decay is not a number"
+        ids = [names.get(id(p), "?") for p in list(g["params"])]
+        if not ids:
+            return "an empty group"
+        if w != 0 and w != wd:
+            return "a weight_decay is neither 0 nor the one given"
+        seen += ids
+        out["no_decay" if w == 0 else "decay"] += ids
+    out = {k: sorted(v) for k, v in out.items()}
+    out["each once"] = len(seen) == len(set(seen))
+    torch.optim.AdamW([dict(g, params=list(g["params"])) for g in groups], lr=1e-3)  # torch accepts them
+    return out
+
+
+def _models():
+    torch.manual_seed(0)
+    partial = TinyTransformer(d_model=16, n_heads=2, n_layers=2)
+    unfreeze_top_k(partial, 1)
+    head_only = MLP(hidden=(8,))
+    unfreeze_top_k(head_only, 0)
+    biases_only = MLP(hidden=(8,))
+    freeze(biases_only, "*.weight")  # the decay group is empty and must be left out
+    return {"MLP(16, 8)": MLP(hidden=(16, 8), dropout=0.2),
+            "TinyTransformer": TinyTransformer(d_model=16, n_heads=2, n_layers=2), "top block only": partial,
+            "head only": head_only, "biases only": biases_only, "LayerNorm": torch.nn.Sequential(
+                torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))}
+
+
+def cases(f):
+    for label, model in _models().items():
+        for wd in (0.3, 0.05):
+            yield f"{label} wd={wd}", lambda model=model, wd=wd: _split(f, model, wd)
+'''
+
+SELECT_BEST = '''
+import math
+import random
+
+import numpy as np
+import pandas as pd
+
+
+def _best(f, df, metric, mode):
+    row = f.select_best(df.copy(), metric, mode)
+    if type(row) is not pd.Series:
+        return "not a pd.Series (results.loc[label])"
+    name = int(row.name) if isinstance(row.name, (int, np.integer)) else row.name
+    return {"name": name, "row": [float(v) if v == v else "nan" for v in row.astype(float).tolist()]}
+
+
+def cases(f):
+    df = pd.DataFrame({"lr": [1e-3, 1e-2, 3e-2, 1e-1], "train_loss": [0.2, 0.01, 0.001, math.nan],
+                       "val_loss": [0.30, 0.35, 0.40, math.nan], "val_acc": [0.90, 0.89, 0.95, math.nan]},
+                      index=pd.Index([10, 11, 12, 13], name="trial"))
+    yield "val_loss min", lambda: _best(f, df, "val_loss", "min")
+    yield "val_acc max", lambda: _best(f, df, "val_acc", "max")
+    tie = pd.DataFrame({"train_loss": [0.1, 0.0, 0.3], "val_loss": [0.2, 0.2, 0.5]}, index=[5, 3, 7])
+    yield "tie", lambda: _best(f, tie, "val_loss", "min")
+    nan = pd.DataFrame({"train_loss": [0.0, 0.3, 0.4], "val_loss": [math.nan, 0.5, 0.45]})
+    yield "NaN first", lambda: _best(f, nan, "val_loss", "min")
+    rng = random.Random(8)
+    for trial in range(40):
+        n = rng.randint(1, 12)
+        pool = [0.1, 0.2, 0.3, math.nan] if trial % 2 else [rng.random() for _ in range(3)] + [math.nan]
+        data = {"lr": [rng.choice([1e-3, 3e-3, 1e-2]) for _ in range(n)],
+                "train_loss": [rng.random() for _ in range(n)], "val_loss": [rng.choice(pool) for _ in range(n)],
+                "val_acc": [rng.choice(pool) for _ in range(n)]}
+        if any(v == v for v in data["val_loss"]) and any(v == v for v in data["val_acc"]):
+            t = pd.DataFrame(data, index=pd.Index(rng.sample(range(100), n), name="trial"))
+            yield f"random {trial} min", lambda t=t: _best(f, t, "val_loss", "min")
+            yield f"random {trial} max", lambda t=t: _best(f, t, "val_acc", "max")
+    for metric, mode in (("train_loss", "min"), ("train_acc", "max"), ("val_loss", "best"), ("val_loss", "MIN")):
+        yield f"metric={metric} mode={mode}", lambda metric=metric, mode=mode: _best(f, df, metric, mode)
+'''
+
+NF4_BLOCK = '''
+import torch
+
+from course_lib.qlora import NF4_CODE
+
+LEVELS = NF4_CODE.clone()  # before any answer could change the module's tensor
+
+
+def _nf4(f, b):
+    """What the hidden test asked: uint8 codes of the block's shape, a 0-dim fp32 absmax, each code the nearest
+    NF4 level (a near-tie may go either way), the codes where the nearest level is clear."""
+    c, a = f.nf4_quantize_block(b.clone())
+    if not (torch.is_tensor(c) and c.dtype == torch.uint8 and tuple(c.shape) == tuple(b.shape)):
+        return "codes: not uint8 of the block's shape"
+    if not (torch.is_tensor(a) and a.dim() == 0 and a.dtype == torch.float32):
+        return "absmax: not a 0-dim float32 tensor"
+    if bool((c.long() > 15).any()):
+        return "a code is not in 0..15"
+    s = b.float() / a if float(a) > 0 else torch.zeros(b.shape)
+    dist = (s[:, None] - LEVELS[None, :]).abs()
+    mine = dist.gather(1, c.long()[:, None])[:, 0]
+    clear = (dist.sort(dim=1).values[:, 1] - dist.min(dim=1).values) > 1e-6
+    return {"absmax": float(a), "nearest": bool(torch.all(mine <= dist.min(dim=1).values + 1e-6)),
+            "clear codes": c[clear]}
+
+
+def cases(f):
+    g = torch.Generator().manual_seed(10)
+    blocks = [torch.randn(64, generator=g), torch.randn(64, generator=g) * 1e-3, torch.zeros(64),
+              -torch.rand(64, generator=g) - 0.1, torch.randn(37, generator=g) * 40, torch.tensor([-3.0]),
+              torch.zeros(1), torch.randn(64, generator=g).to(torch.bfloat16), torch.linspace(-1, 1, 64),
+              torch.tensor([0.5, -1.0, 0.0, 0.25])]
+    for i, b in enumerate(blocks):
+        yield f"block {i} ({b.numel()} values, {b.dtype})", lambda b=b: _nf4(f, b)
+'''

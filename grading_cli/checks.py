@@ -1,6 +1,6 @@
 """Hidden tests that learner code cannot reach or corrupt: checked outside the learner's kernel.
 
-Two kinds of grader-side check replace a test cell's hidden part (its visible part still runs in the kernel,
+Three kinds of grader-side check replace a test cell's hidden part (its visible part still runs in the kernel,
 and the cell scores when both pass):
 
 ``Exercise`` (a code exercise): the learner's answer cell is taken from the graded notebook by grade id and
@@ -12,6 +12,10 @@ and the cell scores when both pass):
     compares it, in its own process, with the values the instructor's solution gave for the same cases at
     release time (``python -m grading_cli release`` runs the solutions in a fresh process and stores them in
     ``<course root>/expected/<assignment>.json``, which no sandbox can see).
+``Evidence`` (an answer that depends on the learner's run, e.g. the epoch a rule kept): an answers cell as
+    for a ``Decision``; the expected value is computed after the run *in the grader's process*
+    (``grading_cli.evidence``) from the parameters cell's literals and the files the notebook wrote, with
+    course_lib's rules imported there, never in the kernel.
 ``Decision`` (an answer the notebook states, e.g. a bottleneck label): the hidden part is replaced by a
     cell that writes the answer variables as JSON to a file of the job folder (no test in it; used only when
     that cell ran without an error); the grader compares those values
@@ -21,8 +25,8 @@ and the cell scores when both pass):
 A test cell with no check here keeps its hidden part in the kernel (``store_history=False``), protected only
 by the tamper scanner (see docs/grading.md): ``python -m grading_cli check`` lists those cells.
 
-Cases (``grading_cli.cases``) are Python source defining ``cases(f)``: a generator of ``(label, thunk)``; ``f`` holds the answer's
-functions as attributes. A thunk's value is encoded by ``plain`` (below); an exception becomes
+Cases (``grading_cli.cases``) are Python source defining ``cases(f)``: a generator of ``(label, thunk)``;
+``f`` holds the answer's functions as attributes. A thunk's value is encoded by ``plain`` (below); an exception becomes
 ``{"raised": "ValueError"}``, so "must raise ValueError" is a case like any other. Per-course checks live in
 ``COURSE`` below; a course root may add or override them with a ``grader_checks.py`` defining ``CHECKS``
 (the test fixtures do).
@@ -42,7 +46,18 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cases import ADAM_STEP, BEST_EPOCH, CLIP, LOG_UNIFORM, LORA_FORWARD, RESTARTS, WARMUP_COSINE
+from .cases import (
+    ADAM_STEP,
+    BEST_EPOCH,
+    CLIP,
+    LOG_UNIFORM,
+    LORA_FORWARD,
+    NF4_BLOCK,
+    NO_DECAY,
+    RESTARTS,
+    SELECT_BEST,
+    WARMUP_COSINE,
+)
 
 CHECK_SECONDS = 60  # per case, inside the check process
 LOAD_SECONDS = 120  # per answer cell with the learner's own helpers and their imports
@@ -71,8 +86,21 @@ class Decision:
     context: tuple = ()  # grade ids of read-only cells the solution's values are computed from
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """Run-dependent answers ``names`` of cell ``answer``, scored by test cell ``test`` against the values
+    ``grading_cli.evidence`` rule ``rule`` computes in the grader's process from the run's evidence: the
+    parameters cell's literals and ``files`` (templates like ``{out_dir}/x.csv``) the notebook wrote."""
+
+    test: str
+    answer: str
+    names: tuple
+    rule: str
+    files: tuple = ()
+
+
 def kind(check) -> str:
-    return "exercise" if isinstance(check, Exercise) else "decision"
+    return {Exercise: "exercise", Evidence: "evidence"}.get(type(check), "decision")
 
 
 def fingerprint(check, solution: str) -> str:
@@ -85,7 +113,7 @@ def fingerprint(check, solution: str) -> str:
 # The course's checks (solutions/NN_name: test cell grade id -> check)
 # --------------------------------------------------------------------------------------------------------
 
-COURSE: dict[str, dict[str, Exercise | Decision]] = {
+COURSE: dict[str, dict[str, Exercise | Decision | Evidence]] = {
     "00_recipe_demo": {
         "n00_warmup_cosine_tests": Exercise(
             "n00_warmup_cosine_tests", "n00_warmup_cosine", WARMUP_COSINE, atol=1e-9, rtol=0.0,
@@ -97,6 +125,8 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
         "n01_ex_adam_step_tests": Exercise(
             "n01_ex_adam_step_tests", "n01_ex_adam_step", ADAM_STEP, rtol=1e-5, atol=1e-7,
             forbid=("course_lib.scenarios.memorize:torch_adam_step",)),
+        "n01_ex_no_decay_tests": Exercise(
+            "n01_ex_no_decay_tests", "n01_ex_no_decay", NO_DECAY, forbid=("course_lib.freezing:param_groups",)),
         "n01_decision_bottleneck": Decision("n01_decision_bottleneck", "n01_decisions", ("memorizing_bottleneck",)),
         "n01_decision_collapsed": Decision("n01_decision_collapsed", "n01_decision_collapsed_answer",
                                            ("collapsed_optimizer",)),
@@ -125,10 +155,23 @@ COURSE: dict[str, dict[str, Exercise | Decision]] = {
             forbid=("course_lib.scenarios.memorize:best_epoch_from_rows",
                     "course_lib.scenarios.memorize:stop_epoch_from_rows")),
         "n04_decision_keep": Decision("n04_decision_keep", "n04_decisions", ("keep",)),
+        "n04_decision_best_epoch": Evidence("n04_decision_best_epoch", "n04_decisions", ("best_epoch",),
+                                            "n04_best_epoch", ("{out_dir}/noisy_labels_history.csv",)),
+        "n04_decision_stop_epoch": Evidence("n04_decision_stop_epoch", "n04_decisions", ("stop_epoch",),
+                                            "n04_stop_epoch", ("{out_dir}/noisy_labels_history.csv",
+                                                               "{out_dir}/patience_history.csv")),
+        "n04_diagnosis_tests": Evidence("n04_diagnosis_tests", "n04_diagnosis", ("diagnosis",), "n04_diagnosis"),
     },
     "08_hparam_search": {
         "n08_ex_log_uniform_tests": Exercise("n08_ex_log_uniform_tests", "n08_ex_log_uniform", LOG_UNIFORM),
+        "n08_ex_select_best_tests": Exercise("n08_ex_select_best_tests", "n08_ex_select_best", SELECT_BEST,
+                                             rtol=0.0, atol=0.0, forbid=("course_lib.search:select_best",)),
         "n08_decision_metric": Decision("n08_decision_metric", "n08_decision_metric_answer", ("selection_metric",)),
+    },
+    "10_qlora": {
+        "n10_nf4_block_tests": Exercise(
+            "n10_nf4_block_tests", "n10_nf4_block", NF4_BLOCK, rtol=0.0, atol=0.0,
+            forbid=("course_lib.qlora:nf4_quantize_block", "course_lib.qlora:quantize_nf4")),
     },
 }
 
@@ -416,6 +459,9 @@ def solution_job(source_nb: Path, checks: dict) -> tuple[list[dict], dict, dict]
             skipped[test] = f"no cell {', '.join(map(repr, missing))} in {source_nb.name}"
             continue
         solution = strip_markers(cells[index[check.answer]]["source"])
+        prints[test] = fingerprint(check, solution)
+        if isinstance(check, Evidence):  # computed after each run, in the grader's process
+            continue
         row = {"test": test, "kind": kind(check), "preamble": preamble(cells, index[check.answer]), "own": "",
                "answer": solution, "forbid": list(getattr(check, "forbid", ()))}
         if isinstance(check, Exercise):
@@ -425,7 +471,6 @@ def solution_job(source_nb: Path, checks: dict) -> tuple[list[dict], dict, dict]
             region = solution_region(cells[index[check.answer]]["source"])  # not the stub's `name = None`
             row.update(names=list(check.names), answer=_statements("\n".join(context + [region])))
         jobs.append(row)
-        prints[test] = fingerprint(check, solution)
     return jobs, prints, skipped
 
 
@@ -472,6 +517,8 @@ def compute_expected(course, assignment: str, warn=print) -> Path | None:
             continue
         jobs, prints, skipped = solution_job(nb_path, mine)
         stored.update({t: {"skipped": why} for t, why in skipped.items()})
+        stored.update({t: {"fingerprint": prints[t], "expected": {}} for t, c in mine.items()
+                       if isinstance(c, Evidence) and t in prints})
         try:
             results = run_trusted(job_for(jobs)) if jobs else {}
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # a release never stops on a check
@@ -524,6 +571,8 @@ def load_expected(course, assignment: str, source_nb: Path) -> dict[str, dict]:
                "forbid": list(getattr(check, "forbid", ()))}
         if isinstance(check, Exercise):
             row.update(cases=check.cases, functions=defined_functions(solution), rtol=check.rtol, atol=check.atol)
+        elif isinstance(check, Evidence):
+            row.update(names=list(check.names), rule=check.rule, files=list(check.files), rtol=1e-9, atol=0.0)
         else:
             row.update(names=list(check.names), rtol=1e-9, atol=0.0)
         out[test] = row

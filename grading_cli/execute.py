@@ -31,6 +31,7 @@ from nbclient.exceptions import DeadKernelError
 from course_lib.runtime import KERNEL_ENV
 
 from .checks import ANSWERS_DIR
+from .evidence import read_evidence
 
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX = Path(__file__).resolve().with_name("sandbox.py")
@@ -298,8 +299,11 @@ def _clean(job: Path) -> None:
 
 
 def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits: Limits | None = None,
-                     scratch: str | None = None, env: dict | None = None, quiet=()) -> dict:
+                     scratch: str | None = None, env: dict | None = None, quiet=(), evidence=()) -> dict:
     """Run ``nb`` (a NotebookNode, executed in place) in a fresh job folder holding ``files``.
+
+    ``evidence``: paths relative to the job folder the notebook writes (history files); after the run they
+    are read without following links (``evidence.read_evidence``) and returned as ``"evidence"``.
 
     Cells whose index is in ``quiet`` (the hidden tests) run with ``store_history=False``: they are not in the
     kernel's input history (``In``, ``_ih``). A cell is ``error`` when it showed an error output or when its
@@ -314,6 +318,7 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
     events: list = []
     tail = ""
     collected: dict[str, bytes] = {}
+    found: dict[str, bytes] = {}
     t0 = time.monotonic()
     try:
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -334,6 +339,7 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
         if any(kind in ("kernel_died", "kernel_failed") for kind, _ in events):
             tail = _read_tail(job / "kernel.log")
         collected = _collect(job / "work" / ANSWERS_DIR)
+        found = read_evidence(job / "work", list(evidence))
         over = _read_tail(Path(str(job) + ".report"), 300)  # written by the sandbox's PID 1, out of the view
         if over:
             events.append(("limit_exceeded", -1))
@@ -343,7 +349,8 @@ def execute_notebook(nb, files: dict[str, bytes], *, level: str = "none", limits
     statuses = ["not_run" if s is None and c.cell_type == "code" and c.source.strip() else s
                 for s, c in zip(statuses, nb.cells)]
     return {"statuses": statuses, "events": events, "seconds": round(time.monotonic() - t0, 2), "level": level,
-            "limits": asdict(limits), "kernel_log": tail, "answers": collected}
+            "limits": asdict(limits), "kernel_log": tail, "answers": collected,
+            "evidence": found}
 
 
 def _collect(folder: Path, cap: int = 65536, most: int = 200) -> dict[str, bytes]:

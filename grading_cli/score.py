@@ -66,7 +66,7 @@ def build_exec(cells: list, rels_by_id: dict, params: dict, checks: dict | None 
             for hidden, code in parts or [(False, "pass  # every test of this cell is checked by the grader")]:
                 nb.cells.append(nbformat.v4.new_code_cell(code))
                 where.append((i, hidden))
-            if check and check["kind"] == "decision":
+            if check and check["kind"] in ("decision", "evidence"):
                 nb.cells.append(nbformat.v4.new_code_cell(answers_cell(check["names"], rel["grade_id"])))
                 where.append((i, "answers"))
         else:
@@ -108,15 +108,18 @@ def merge(cells: list, exec_nb, where: list, statuses: list, answers: dict | Non
     return info
 
 
-def apply_checks(cells: list, info: list, checks: dict, results: dict) -> None:
+def apply_checks(cells: list, info: list, checks: dict, results: dict, run=None) -> None:
     """Score each grader-side check in this process and record it as the cell's hidden verdict: exercises
-    from the check process's plain ``results``, decisions from the answers their cell printed."""
+    from the check process's plain ``results``, decisions from the answers their cell wrote, run-dependent
+    answers against the values ``grading_cli.evidence`` computes here from ``run`` (an ``evidence.Run``)."""
     for cell, rec in zip(cells, info):
         check = checks.get(cell.metadata.get("nbgrader", {}).get("grade_id"))
         if not check or rec["status"] is None:
             continue
         if check["kind"] == "exercise":
             ok, why = compare(check, results.get(check["test"]))
+        elif check["kind"] == "evidence":
+            ok, why = _compare_evidence(check, rec["answers"], run)
         else:
             got = rec["answers"]
             plain = None if got is None else {n: decision_plain(got.get(n)) for n in check["names"]}
@@ -127,6 +130,22 @@ def apply_checks(cells: list, info: list, checks: dict, results: dict) -> None:
         rec["hidden_error"] = None if ok else f"checked by the grader: {why}"
         if not ok and rec["status"] == "ok":
             rec["status"] = "error"
+
+
+def _compare_evidence(check: dict, got: dict | None, run) -> tuple[bool, str]:
+    """The answers against the expected values computed now, in this process, from the run's evidence."""
+    from .evidence import Run, Unavailable, expected_for
+
+    if got is None:
+        return False, "the answers could not be read"
+    try:
+        want = expected_for(check["rule"], run if run is not None else Run())
+    except Unavailable as err:
+        return False, f"no evidence for the expected value: {err}"
+    ordered = {n: dict(sorted(v.items())) if isinstance(v, dict) and all(isinstance(k, str) for k in v) else v
+               for n, v in ((n, got.get(n)) for n in check["names"])}
+    plain = {n: decision_plain(v) for n, v in ordered.items()}
+    return compare(dict(check, expected={n: decision_plain(want.get(n)) for n in check["names"]}), plain)
 
 
 def reason(rec: dict, cell) -> str:

@@ -15,6 +15,7 @@ import traceback
 import nbformat
 
 from .checks import CHECK_SECONDS, job_for, own_definitions, preamble, read_results
+from .evidence import Run, Unavailable, evidence_path, notebook_parameters
 from .execute import Limits, execute_notebook, probe_isolation, run_checks
 from .flags import flag
 from .nbmeta import CONTENT_MATCH, plain_stem
@@ -138,12 +139,20 @@ def grade_notebook(nbspec: dict, sub: dict, spec: dict, options: dict, level: st
     released = nbformat.reads(nbspec["released"], as_version=4)
     graded_nb = nbformat.v4.new_notebook(metadata=released.metadata, cells=cells)
     files[f"{nbspec['name']}.ipynb"] = nbformat.writes(_visible(graded_nb, by_id)).encode()  # no hidden test
+    params = notebook_parameters(cells, options.get("params", {}))  # literals, read here with ast
+    wanted = {}
+    for check in checks.values():
+        for template in check.get("files", []) if check["kind"] == "evidence" else []:
+            try:
+                wanted[evidence_path(template, params)] = True
+            except Unavailable:
+                pass  # the check scores 0 and says why
     run = execute_notebook(exec_nb, files, level=level, limits=Limits(**options.get("limits", {})),
-                           scratch=options.get("scratch"),
+                           scratch=options.get("scratch"), evidence=list(wanted),
                            quiet=[k for k, (_, hidden) in enumerate(where) if hidden])
     info = merge(cells, exec_nb, where, run["statuses"], run.get("answers"))
     results, check_seconds = _run_exercise_checks(checks, cells, info, rels, by_id, files, level, options)
-    apply_checks(cells, info, checks, results)
+    apply_checks(cells, info, checks, results, Run(params, run.get("evidence", {})))
     scores = score_cells(cells, info, by_id)
     for kind, index in dict.fromkeys(run["events"]):
         detail = f"at cell {where[index][0] + 1}" if index >= 0 else ""

@@ -788,6 +788,12 @@ DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 
     "n04_ex_best_epoch": "from course_lib.scenarios.memorize import best_epoch_from_rows\n\n\n"
                          "def choose_best_epoch(history_rows, metric='val_loss', mode='min'):\n"
                          "    return best_epoch_from_rows(history_rows, metric, mode)",
+    "n01_ex_no_decay": "def no_decay_groups(model, weight_decay):\n"
+                       "    return [{'params': g['params'], 'weight_decay': g['weight_decay']}\n"
+                       "            for g in param_groups(model, lr=1e-3, weight_decay=weight_decay)]",
+    "n08_ex_select_best": "def select_best(results, metric='val_loss', mode='min'):\n"
+                          "    return course_select_best(results, metric, mode)",
+    "n10_nf4_block": "def nf4_quantize_block(block):\n    return qlora.nf4_quantize_block(block)",
 }
 
 
@@ -833,3 +839,110 @@ def test_course_checks_pass_the_solutions_only():
         test, variant = row["test"].split("|")
         ok, why = compare(expected[test], results.get(row["test"]))
         assert ok == (variant == "solution"), (row["test"], why)
+
+
+def _history_csv(values, metric="val_acc") -> bytes:
+    return ("epoch,lr," + metric + ",seconds\n" + "".join(f"{e},0.003,{v!r},0.1\n" for e, v in enumerate(values, 1))
+            ).encode()
+
+
+def test_evidence_rules_use_only_plain_evidence(tmp_path):
+    """Run-dependent answers (04): the expected value comes from the parameters cell's literals and the
+    files the run wrote, computed in the grader's process; missing, linked or inconsistent evidence -> 0."""
+    import random
+
+    from course_lib.scenarios import diagnosis
+    from course_lib.scenarios.memorize import NOISY, best_epoch_from_rows, stop_epoch_from_rows
+    from grading_cli.evidence import Run, Unavailable, expected_for, notebook_parameters, read_evidence
+    from grading_cli.score import _compare_evidence
+
+    cell = lambda src, tags=("parameters",): nbformat.from_dict(  # noqa: E731
+        {"cell_type": "code", "source": src, "metadata": {"tags": list(tags)}, "outputs": [], "execution_count": None})
+    params = notebook_parameters([cell("seed = 3\nfast = is_fast()\nout_dir = 'art'"), cell("seed = 9", ())],
+                                 {"fast": True})
+    assert params["seed"] == 3 and params["out_dir"] == "art" and params["fast"] is True
+    assert expected_for("n04_diagnosis", Run(params)) == {"diagnosis": dict(sorted(diagnosis.planted(3).items()))}
+    for src in ("seed = int('3')", "seed = SEED", "seed = True"):
+        with pytest.raises(Unavailable, match="literal int"):
+            expected_for("n04_diagnosis", Run(notebook_parameters([cell(src)])))
+    check = {"test": "t", "names": ["diagnosis"], "rule": "n04_diagnosis", "rtol": 1e-9, "atol": 0.0}
+    right = dict(reversed(list(diagnosis.planted(3).items())))  # key order does not matter
+    assert _compare_evidence(check, {"diagnosis": right}, Run(params)) == (True, "")
+    wrong = {k: right[k2] for k, k2 in zip(sorted(right), sorted(right)[1:] + sorted(right)[:1])}
+    assert not _compare_evidence(check, {"diagnosis": wrong}, Run(params))[0]
+    assert not _compare_evidence(check, {"diagnosis": right}, Run({"seed": 4}))[0] or \
+        diagnosis.planted(4) == diagnosis.planted(3)
+
+    rng = random.Random(0)
+    for _ in range(20):
+        values = [round(rng.random(), 2) for _ in range(60)]
+        stop = stop_epoch_from_rows([{"epoch": e, "val_acc": v} for e, v in enumerate(values, 1)], "val_acc", "max",
+                                    NOISY["patience"])
+        files = {"artifacts/noisy_labels_history.csv": _history_csv(values)}
+        if stop is not None:
+            files["artifacts/patience_history.csv"] = _history_csv(values[:stop])
+        run = Run({"out_dir": "artifacts", "seed": 0}, files)
+        want = best_epoch_from_rows([{"epoch": e, "val_acc": v} for e, v in enumerate(values, 1)], "val_acc", "max")
+        assert expected_for("n04_best_epoch", run) == {"best_epoch": want}
+        if stop is not None:
+            assert expected_for("n04_stop_epoch", run) == {"stop_epoch": stop}
+    values = [0.5 + 0.001 * e for e in range(60)]  # never stops
+    bad = {"missing": {},
+           "short": {"artifacts/noisy_labels_history.csv": _history_csv(values[:30])},
+           "garbage": {"artifacts/noisy_labels_history.csv": b"\x00\xff not a csv"},
+           "gap": {"artifacts/noisy_labels_history.csv": _history_csv(values).replace(b"\n7,", b"\n8,")}}
+    for files in bad.values():
+        with pytest.raises(Unavailable):
+            expected_for("n04_best_epoch", Run({"out_dir": "artifacts"}, files))
+    values = [0.9] + [0.5] * 59  # stops at epoch 11 under patience 10
+    noisy = {"artifacts/noisy_labels_history.csv": _history_csv(values)}
+    for patience in {"did not stop": values[:20], "not the same run": [0.8] + [0.5] * 10,
+                          "stopped late": values[:12]}.values():
+        with pytest.raises(Unavailable):
+            expected_for("n04_stop_epoch", Run({"out_dir": "artifacts"},
+                                               {**noisy, "artifacts/patience_history.csv": _history_csv(patience)}))
+    assert expected_for("n04_stop_epoch", Run({}, {**noisy, "artifacts/patience_history.csv": _history_csv(
+        values[:11])})) == {"stop_epoch": 11}
+    with pytest.raises(Unavailable, match="leaves the job folder"):
+        expected_for("n04_best_epoch", Run({"out_dir": "../../grading"}, {}))
+
+    # the grader reads evidence without following a link the kernel planted (a file or a folder)
+    (tmp_path / "secret.csv").write_bytes(b"epoch,val_acc\n1,0.5\n")
+    (tmp_path / "work" / "art").mkdir(parents=True)
+    (tmp_path / "work" / "art" / "real.csv").write_bytes(b"ok")
+    (tmp_path / "work" / "art" / "link.csv").symlink_to(tmp_path / "secret.csv")
+    (tmp_path / "work" / "dirlink").symlink_to(tmp_path)
+    got = read_evidence(tmp_path / "work", ["art/real.csv", "art/link.csv", "dirlink/secret.csv", "../secret.csv"])
+    assert got == {"art/real.csv": b"ok"}
+
+
+def test_run_dependent_answers_are_checked_by_the_grader(tmp_path):
+    """Notebook 04 graded in the sandbox: the honest solution scores in full; wrong run-dependent answers
+    with the references the in-kernel tests recomputed the truth from patched (planted, best/stop epoch
+    rules) score 0 on those cells, and are flagged."""
+    name = "04_checkpoints_early_stopping"
+    if not (ROOT / "solutions" / name / f"{name}.ipynb").exists():
+        pytest.skip("no notebook 04")
+    root = tmp_path / "course"
+    (root / "grading").mkdir(parents=True)
+    shutil.copy(ROOT / "grading" / "nbgrader_config.py", root / "grading")
+    shutil.copytree(ROOT / "solutions" / name, root / "solutions" / name,
+                    ignore=shutil.ignore_patterns("artifacts", "*.pt", "*.png", ".ipynb_checkpoints"))
+    course = Course.load(root / "grading")
+    course.release_all([name])
+    stored = json.loads((course.root / "expected" / f"{name}.json").read_text())
+    assert {t for t, e in stored.items() if "skipped" not in e} >= {
+        "n04_diagnosis_tests", "n04_decision_best_epoch", "n04_decision_stop_epoch"}, stored
+    expected = [r for r in make_cohort(tmp_path / "cohort", course.root, [name], ["correct", "patch_truth"])
+                if r["student"] != "missing_student"]
+    options = dict(OPTIONS, limits={"cell_timeout": 600, "notebook_timeout": 1200})
+    driver.grade(course, tmp_path / "cohort", workers=2, options=options)
+    got = read_csv(course.root / "grades.csv")
+    by = {e["student"]: e for e in expected}
+    assert set(by) == {"correct", "patch_truth"}
+    for e in expected:
+        row = got[(e["student"], name)]
+        assert float(row["score"]) == float(e["score"]), (e, row)
+    assert float(by["patch_truth"]["score"]) < float(by["correct"]["score"])
+    assert "suspicious_code" in got[("patch_truth", name)]["flags"]
+    assert not set(got[("correct", name)]["flags"].split(";")) & TAMPER

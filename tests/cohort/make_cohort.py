@@ -30,7 +30,7 @@ CASES = ["correct", "blank", "wrong_decision", "partial", "syntax_error", "infin
 # Hostile submissions (issue 14): each attack class, with the score the kernel gives and the flags that must
 # come with it (an undeserved point is acceptable only with a tamper flag, for a human to review).
 HOSTILE = ["shadow_builtins", "kernel_alias", "patch_reference", "shadow_package", "read_hidden", "hostile_output",
-           "daemon", "read_frames", "forge_answers"]
+           "daemon", "read_frames", "forge_answers", "patch_truth"]
 DAEMON = "grading-daemon-{marker}"
 ALWAYS_YES = ("\n\nclass _Yes(str):\n    __eq__ = lambda self, other: True\n    __hash__ = str.__hash__\n\n"
               "_real_type = type\n\n\ndef type(x, *rest):\n"
@@ -57,6 +57,19 @@ FORGE = ("\nimport json as _json, os as _os, pathlib as _pl\n_d = _pl.Path(out_d
          "_a = _pl.Path(_os.environ.get('GRADING_ANSWERS', '.grading_answers'))\n"
          "_a.mkdir(parents=True, exist_ok=True)\n"
          "for _t in {tests!r}:\n    (_a / (_t + '.json')).write_text(_json.dumps({{{name!r}: {label!r}}}))")
+# Wrong run-dependent answers, with the references an in-kernel hidden test recomputes the truth from
+# patched to agree (04: planted(seed), best_epoch_from_rows, stop_epoch_from_rows): the old hidden tests
+# passed them; the grader now recomputes the truth in its own process from the run's evidence.
+PATCH_TRUTH = (
+    "\n\ndef _wrong(v):\n    if isinstance(v, dict):\n        ks = sorted(v)\n"
+    "        return {{k: v[ks[(i + 1) % len(ks)]] for i, k in enumerate(ks)}}\n"
+    "    return v + 1 if isinstance(v, int) else v\n\n\n"
+    "{assign}\n"
+    "import course_lib.scenarios.diagnosis as _dg\nimport course_lib.scenarios.memorize as _mz\n"
+    "_answers = {{{pairs}}}\n"
+    "_dg.planted = lambda seed: _answers.get('diagnosis')\n"
+    "_mz.best_epoch_from_rows = lambda *a, **k: _answers.get('best_epoch')\n"
+    "_mz.stop_epoch_from_rows = lambda *a, **k: _answers.get('stop_epoch')")
 HOSTILE_OUTPUT = (
     "from IPython.display import HTML, Javascript, display\n"
     "display(HTML('<script>document.title=\"PWNED-script\"</script><img src=x onerror=\"alert(\\'PWNED-img\\')\">'))\n"
@@ -114,6 +127,23 @@ class Plan:
                     if i > k and re.search(rf"\b{name}\b", self.solution(i)) and self.pts(i, name):
                         return i, name
         return None
+
+    @property
+    def evidence_tests(self) -> set:
+        """Test cells with a run-dependent (``evidence``) grader-side check."""
+        return {t for t, c in (self.spec["notebooks"][0].get("checks") or {}).items() if c["kind"] == "evidence"}
+
+    def evidence_answers(self) -> dict[int, list[str]]:
+        """{answer index: names} of the answers an evidence check scores."""
+        checks = self.spec["notebooks"][0].get("checks") or {}
+        at = {r["grade_id"]: i for i, r in enumerate(self.rels) if r["grade_id"]}
+        out: dict[int, list[str]] = {}
+        for t in sorted(self.evidence_tests):
+            c = checks[t]
+            if c["answer_id"] in at:
+                out.setdefault(at[c["answer_id"]], []).extend(n for n in c["names"]
+                                                               if n not in out.get(at[c["answer_id"]], []))
+        return out
 
     def code_exercise(self) -> int:
         return next((i for i in self.answers if "def " in self.solution(i)), self.answers[0])
@@ -276,6 +306,17 @@ def build_case(plan: Plan, case: str, second: bool):
                                     flags=re.M) + FORGE.format(name=name, label=label, tests=[
             plan.rels[k]["grade_id"] for k in plan.tests_of(i)])
         score -= plan.pts(i, name)
+    elif case == "patch_truth":  # wrong run-dependent answers, the references the truth came from patched
+        hits = plan.evidence_answers()
+        if not hits:
+            return None
+        for i, names in hits.items():
+            nb.cells[i].source = plan.solution(i) + PATCH_TRUTH.format(
+                assign="\n".join(f"{n} = _wrong({n})" for n in names),
+                pairs=", ".join(f"{n!r}: {n}" for n in names))
+            score -= sum(plan.rels[k]["points"] for k in plan.tests_of(i)
+                         if plan.rels[k]["grade_id"] in plan.evidence_tests)
+        flags = ["suspicious_code"]
     elif case == "corrupt":
         return nbformat.writes(nb).encode()[:400], fname, 0, ["unreadable"], [], {}
     return nb, fname, score, flags, repairs, extra
