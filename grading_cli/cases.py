@@ -309,3 +309,49 @@ def cases(f):
     for i, b in enumerate(blocks):
         yield f"block {i} ({b.numel()} values, {b.dtype})", lambda b=b: _nf4(f, b)
 '''
+
+QUANTIZE_BLOCK = '''
+import torch
+
+from course_lib.optim8bit import dynamic_map
+
+
+def _one(f, m, b):
+    """What the hidden test asked of one block: uint8 codes of its shape, the input unchanged, absmax = max |x|,
+    each code the nearest map entry (a near-tie either way), dequantize = map[codes] * absmax, a round trip
+    within one map step."""
+    b_in = b.clone()
+    c, a = f.quantize_block(b_in, m)
+    if not torch.equal(b_in, b):
+        return "the input block changed"
+    if not (torch.is_tensor(c) and c.dtype == torch.uint8 and tuple(c.shape) == tuple(b.shape)):
+        return "codes: not uint8 of the block's shape"
+    ref_a = b.abs().max()
+    normed = b / ref_a if ref_a > 0 else torch.zeros_like(b)
+    dist = (normed[:, None] - m[None, :]).abs()
+    mine = dist.gather(1, c.long()[:, None])[:, 0]
+    clear = (dist.sort(dim=1).values[:, 1] - dist.min(dim=1).values) > 1e-6
+    ref_codes = dist.argmin(dim=1).to(torch.uint8)
+    back = f.dequantize_block(ref_codes, ref_a, m)
+    if not (torch.is_tensor(back) and tuple(back.shape) == tuple(b.shape)):
+        return "dequantize_block: not one value per code"
+    trip = f.dequantize_block(c, a, m)
+    step = float((m[1:] - m[:-1]).max()) * float(ref_a) * (1 + 1e-6)
+    return {"absmax": float(a), "nearest": bool(torch.all(mine <= dist.min(dim=1).values + 1e-6)),
+            "clear codes": c[clear], "dequantized": back.float(),
+            "round trip": bool(torch.all((trip.float() - b).abs() <= step)),
+            "zero block gets 0": bool(torch.all(m[c.long()] == 0)) if float(ref_a) == 0.0 else None}
+
+
+def cases(f):
+    g = torch.Generator().manual_seed(7)
+    for signed in (True, False):
+        m = dynamic_map(signed)
+        blocks = [torch.randn(256, generator=g), torch.randn(100, generator=g) * 1e-3, torch.zeros(256),
+                  -torch.rand(256, generator=g) - 0.1, torch.randn(64, generator=g) * 50, torch.tensor([3.0]),
+                  torch.zeros(1), torch.randn(256, generator=g) * torch.exp(torch.randn(256, generator=g) * 3)]
+        if not signed:
+            blocks = [b.abs() ** 2 for b in blocks]
+        for i, b in enumerate(blocks):
+            yield f"signed={signed} block {i}", lambda m=m, b=b: _one(f, m, b)
+'''

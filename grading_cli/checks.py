@@ -54,6 +54,7 @@ from .cases import (
     LORA_FORWARD,
     NF4_BLOCK,
     NO_DECAY,
+    QUANTIZE_BLOCK,
     RESTARTS,
     SELECT_BEST,
     WARMUP_COSINE,
@@ -161,6 +162,13 @@ COURSE: dict[str, dict[str, Exercise | Decision | Evidence]] = {
                                             "n04_stop_epoch", ("{out_dir}/noisy_labels_history.csv",
                                                                "{out_dir}/patience_history.csv")),
         "n04_diagnosis_tests": Evidence("n04_diagnosis_tests", "n04_diagnosis", ("diagnosis",), "n04_diagnosis"),
+    },
+    "07_memory_precision": {
+        "n07_quantize_block_tests": Exercise(
+            "n07_quantize_block_tests", "n07_quantize_block", QUANTIZE_BLOCK, rtol=1e-6, atol=0.0,
+            forbid=("course_lib.optim8bit:quantize_blockwise", "course_lib.optim8bit:dequantize_blockwise",
+                    "course_lib.scenarios.memory_budget:quantize_block",
+                    "course_lib.scenarios.memory_budget:dequantize_block")),
     },
     "08_hparam_search": {
         "n08_ex_log_uniform_tests": Exercise("n08_ex_log_uniform_tests", "n08_ex_log_uniform", LOG_UNIFORM),

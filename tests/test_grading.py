@@ -794,6 +794,10 @@ DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 
     "n08_ex_select_best": "def select_best(results, metric='val_loss', mode='min'):\n"
                           "    return course_select_best(results, metric, mode)",
     "n10_nf4_block": "def nf4_quantize_block(block):\n    return qlora.nf4_quantize_block(block)",
+    "n07_quantize_block": "def quantize_block(block, code_map):\n"
+                          "    return scenario.quantize_block(block, code_map)\n\n\n"
+                          "def dequantize_block(codes, absmax, code_map):\n"
+                          "    return scenario.dequantize_block(codes, absmax, code_map)",
 }
 
 
