@@ -355,3 +355,32 @@ def cases(f):
         for i, b in enumerate(blocks):
             yield f"signed={signed} block {i}", lambda m=m, b=b: _one(f, m, b)
 '''
+
+SET_TRAINABLE = '''
+import torch
+
+from course_lib.models import TinyTransformer
+
+CONFIGS = {"05's model": dict(vocab_size=9, max_len=8, n_classes=8, d_model=32, n_heads=4, n_layers=2, pos_std=1.0),
+           "3 blocks": dict(d_model=16, n_heads=2, n_layers=3, vocab_size=7, max_len=9, n_classes=4),
+           "1 block": dict(d_model=8, n_heads=2, n_layers=1, vocab_size=5, max_len=4, n_classes=3)}
+
+
+def _set(f, kw, k, start):
+    """The names left trainable, from all trainable or all frozen; the model changed in place and returned."""
+    torch.manual_seed(0)
+    model = TinyTransformer(**kw)
+    if start == "all_frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    out = f.set_trainable_top_k(model, k)
+    return {"returned the model": out is model,
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
+
+
+def cases(f):
+    for label, kw in CONFIGS.items():
+        for k in range(kw["n_layers"] + 1):
+            for start in ("all_trainable", "all_frozen"):
+                yield f"{label} k={k} from {start}", lambda kw=kw, k=k, start=start: _set(f, kw, k, start)
+'''

@@ -57,6 +57,7 @@ from .cases import (
     QUANTIZE_BLOCK,
     RESTARTS,
     SELECT_BEST,
+    SET_TRAINABLE,
     WARMUP_COSINE,
 )
 
@@ -145,6 +146,11 @@ COURSE: dict[str, dict[str, Exercise | Decision | Evidence]] = {
                     "torch.nn.utils:get_total_norm", "torch.nn.utils:clip_grad_norm",
                     "course_lib.scenarios.recipe:clip_global_norm_")),
         "n03_decision_fix_tests": Decision("n03_decision_fix_tests", "n03_decision", ("first_fix", "bottleneck")),
+    },
+    "05_transfer_frozen_partial": {
+        "n05_set_trainable_tests": Exercise(
+            "n05_set_trainable_tests", "n05_set_trainable", SET_TRAINABLE,
+            forbid=("course_lib.freezing:unfreeze_top_k",)),  # freeze/unfreeze(patterns) are building blocks
     },
     "06_lora_by_hand": {
         "n06_lora_forward_tests": Exercise("n06_lora_forward_tests", "n06_lora_forward", LORA_FORWARD, rtol=1e-5,

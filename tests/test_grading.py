@@ -793,6 +793,7 @@ DELEGATE = {  # answers that hand the exercise to course_lib's reference (issue 
                        "            for g in param_groups(model, lr=1e-3, weight_decay=weight_decay)]",
     "n08_ex_select_best": "def select_best(results, metric='val_loss', mode='min'):\n"
                           "    return course_select_best(results, metric, mode)",
+    "n05_set_trainable": "def set_trainable_top_k(model, k):\n    unfreeze_top_k(model, k)\n    return model",
     "n10_nf4_block": "def nf4_quantize_block(block):\n    return qlora.nf4_quantize_block(block)",
     "n07_quantize_block": "def quantize_block(block, code_map):\n"
                           "    return scenario.quantize_block(block, code_map)\n\n\n"
