@@ -45,7 +45,8 @@ def setup_threads(threads: int | None = None, *, verbose: bool = True) -> int:
     """Set torch's intra-op thread count for this kernel once, and say so; returns the count in use.
 
     Precedence: ``threads`` (an int >= 1) > the environment variable ``COURSE_THREADS`` > an explicit
-    ``OMP_NUM_THREADS`` (left as torch read it, nothing printed) > :data:`COURSE_THREADS`. Called by
+    ``OMP_NUM_THREADS`` (its first value, applied with ``torch.set_num_threads`` even when it was set after torch
+    was imported; nothing printed) > :data:`COURSE_THREADS`. Called by
     :func:`seed_everything`; later calls without ``threads`` change nothing.
     """
     global _THREADS_CHOSEN
@@ -55,10 +56,10 @@ def setup_threads(threads: int | None = None, *, verbose: bool = True) -> int:
     if threads is None and os.environ.get("COURSE_THREADS", "").strip():
         threads, source = os.environ["COURSE_THREADS"].strip(), "COURSE_THREADS"
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
-        _THREADS_CHOSEN = torch.get_num_threads()
-        return _THREADS_CHOSEN
+        # applied, not just trusted: a script may set it after torch was imported (torch read its default then)
+        threads, source, verbose = os.environ["OMP_NUM_THREADS"].split(",")[0].strip(), "OMP_NUM_THREADS", False
     if threads is None:
-        threads, source = COURSE_THREADS, "measured fastest for the course's small models"
+        threads, source = COURSE_THREADS, "measured best for the course's small models"
     try:
         n = int(threads)
     except (TypeError, ValueError):

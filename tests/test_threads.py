@@ -41,3 +41,13 @@ def test_setup_threads_overrides_and_checks_its_argument():
     assert "THREADS 2" in proc.stdout and "ERR threads (setup_threads()) must be an int >= 1, got 0" in proc.stdout
     bad = _run(COURSE_THREADS="many")
     assert bad.returncode != 0 and "COURSE_THREADS" in bad.stderr and "'many'" in bad.stderr
+
+
+def test_omp_num_threads_set_after_torch_was_imported_is_applied():
+    """A script that sets OMP_NUM_THREADS after importing torch (torch has read its default by then) still gets
+    the count it names: the transfer scenario's full-mode numbers depend on it (2 threads kept 0.78, 1 kept 0.70)."""
+    code = ("import os, torch; torch.set_num_threads(2); os.environ['OMP_NUM_THREADS'] = '1'; import course_lib; "
+            "course_lib.seed_everything(0); print('THREADS', torch.get_num_threads())")
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "THREADS 1" in proc.stdout and "torch threads:" not in proc.stdout, proc.stdout
