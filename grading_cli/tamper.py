@@ -26,6 +26,8 @@ code objects              ``types.FunctionType``/``CodeType``, ``__code__``, ``_
                           (``sys._getframe``, ``f_back``, ``f_globals``), ``exec``/``eval``/``compile``
 low level                 ``ctypes``, ``gc``, ``inspect``, ``importlib``, ``marshal``, ``unittest.mock``,
                           threads
+answer keys               ``course_lib.scenarios.diagnosis.planted`` / ``identify`` under any name (they
+                          return 04's graded labels)
 comparisons               a class defining ``__eq__``/``__hash__``/``__bool__``/``__instancecheck__``...
 ========================  ============================================================================
 
@@ -72,6 +74,8 @@ MUTATORS = {"append", "extend", "insert", "remove", "pop", "clear", "sort", "rev
             "popitem", "add", "discard", "__setitem__", "__delitem__", "fill_", "zero_", "copy_", "add_", "mul_",
             "sub_", "div_", "clamp_", "normal_", "uniform_", "requires_grad_", "load_state_dict", "apply"}
 READ_METHODS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__", "__len__", "__iter__"}
+ANSWER_KEYS = {"course_lib.scenarios.diagnosis.planted", "course_lib.scenarios.diagnosis.identify"}
+"""Functions that return a graded answer itself (04's planted labels): learner code has no reason to call them."""
 MAGICS_OK = {"matplotlib", "time", "timeit", "config_inline", "precision", "pprint"}
 SHADOW_FILES = re.compile(r"(^|/)(sitecustomize|usercustomize)\.py$|\.pth$|(^|/)__init__\.py$")
 
@@ -358,6 +362,8 @@ class _Scanner(ast.NodeVisitor):
             self.hit(node, f"uses {node.id}")
         elif p and p != node.id and self._sensitive(p):
             self.hit(node, f"uses {p} (as {node.id!r})")
+        elif p in ANSWER_KEYS:
+            self.hit(node, f"uses {p}, which returns the graded answer (as {node.id!r})")
 
     def visit_Attribute(self, node):
         p = self.path(node)
@@ -365,6 +371,8 @@ class _Scanner(ast.NodeVisitor):
             self.hit(node, f"uses {node.attr}")
         elif p and self._sensitive(p):
             self.hit(node, f"uses {p}")
+        elif p in ANSWER_KEYS:
+            self.hit(node, f"uses {p}, which returns the graded answer")
         else:
             self.visit(node.value)
 

@@ -286,6 +286,8 @@ def test_report_escapes_learner_text(graded):
 
 ATTACKS = {  # one per class of issue 14 item 3; a regex over the source missed each of them
     "builtin": "abs = lambda x: 0",
+    "answer_key": "from course_lib.scenarios import diagnosis as d\ndiagnosis = d.planted(seed)",
+    "answer_key_name": "from course_lib.scenarios.diagnosis import identify as guess\ndiagnosis = guess(evidence)",
     "builtin_def": "def type(x):\n    return str",
     "kernel_alias": "g = get_ipython\nip = g()\nip.ast_transformers.append(object())",
     "kernel_import": "from IPython import get_ipython as gi\ngi().showtraceback = lambda *a, **k: None",
