@@ -95,24 +95,32 @@ def test_fit_kwargs_give_the_backbone_its_own_learning_rate():
         transfer.run(0, strategies=("frozen_head", "lora"))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
-@pytest.mark.parametrize("seed", SEEDS)
-def test_backbone_lr_study(seed, fast, one_thread):
-    """Notebook 05's backbone-LR study: what a smaller backbone LR, staged unfreezing and a too-high LR do.
+def check_lr_study(ev: dict, fast: bool) -> None:
+    """The claims of notebook 05's backbone-LR study on one seed's ``run_lr_study`` (also applied to the sweep).
 
-    Measured on seeds 0-4 (fast mode with the avx2 and the default kernels, full mode with avx2): the 10x
-    smaller LR moves the top block 2-6x less (drift 0.10-0.25 vs 0.56-0.76); a backbone at 10x the head's LR
-    ruins full fine-tuning (final val 0.19-0.41; in full mode the kept epoch 1 can reach 0.70-0.75 before the
-    LR peaks, then val falls) and the first move, a 10x smaller backbone LR, repairs it (kept val 0.83-1.00).
-    Staged unfreezing is reported, not
-    asserted: 0-7 points below the one-shot partial unfreeze in fast mode, within 2 points in full mode.
+    Measured (these calls, swept over seeds) in fast mode on seeds 0-19 pinned, 0-19 oldest kernels, in full mode on
+    seeds 0-19 pinned, 0-12 oldest kernels: the 10x smaller LR's top-block drift is 0.15-0.23 (fast) / 0.24-0.42
+    (full) times the same-LR drift (asserted <= 0.6); in fast mode it keeps 2.8-48 points less val_acc (asserted
+    >= 1 point; full mode -0.8 to 15.6 points: not asserted); staged unfreezing's drift is 0.56-0.87 times the
+    one-shot drift in fast mode (asserted <= 0.95; full 0.64-0.98: not asserted) and its kept value -14.6 to
+    +0.6 points from the one-shot run (asserted <= +2; full -3.8 to +0.4). The too-high backbone LR ends at
+    0.11-0.42 (fast) / 0.19-0.46 (full) val_acc (asserted <= 0.60; full mode's kept epoch 1-2 can reach 0.80
+    before the LR peaks); the first move keeps 0.77-1.00 (asserted >= 0.75), 0.196+ above the too-high kept
+    value (asserted >= 0.15) and 0.532+ above its final value (asserted >= 0.30). Source-task accuracy is
+    reported, not asserted: in full mode the too-high run's kept checkpoint is often epoch 1-2, before the
+    backbone is rewritten.
     """
-    ev = transfer.run_lr_study(seed, fast)
     same, smaller = ev["partial_same_lr"], ev["partial_smaller_lr"]
+    staged, one_shot = ev["staged_unfreeze"], ev["partial_unfreeze"]
     for arm in ("partial_same_lr", "partial_smaller_lr", "staged_unfreeze", "partial_unfreeze"):
         assert ev[arm]["drift"]["blocks.0"] == 0.0 and ev[arm]["drift"]["embed"] == 0.0, (arm, ev[arm]["drift"])
-    # a smaller backbone LR keeps the pretrained block closer to where it was
+    # a smaller backbone LR keeps the pretrained block closer to where it was ...
     assert smaller["drift"]["blocks.1"] <= 0.6 * same["drift"]["blocks.1"], (same["drift"], smaller["drift"])
+    if fast:  # ... and in 20 epochs that costs target accuracy (in 60 the slow block catches up: not asserted)
+        assert same["best_value"] - smaller["best_value"] >= 0.01, (same, smaller)
+        # staged unfreezing trains the block for fewer epochs: it moves less and does not beat the one-shot run
+        assert staged["drift"]["blocks.1"] <= 0.95 * one_shot["drift"]["blocks.1"], (staged["drift"], one_shot["drift"])
+        assert staged["best_value"] <= one_shot["best_value"] + 0.02, (staged, one_shot)
     # too high a backbone LR damages reuse: val stays low or falls after the first epochs (full mode's longer
     # warmup lets epoch 1 learn before the LR peaks) ...
     high, repaired = ev["full_too_high_lr"], ev["full_smaller_lr"]
@@ -120,5 +128,27 @@ def test_backbone_lr_study(seed, fast, one_thread):
     # ... and the first move (the backbone 10x slower) repairs it
     assert repaired["best_value"] >= 0.75 and repaired["best_value"] - high["best_value"] >= 0.15, (high, repaired)
     assert repaired["final_value"] - high["final_value"] >= 0.30, (high, repaired)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_backbone_lr_study(seed, fast, one_thread):
+    """Notebook 05's backbone-LR study: what a smaller backbone LR, staged unfreezing and a too-high LR do."""
+    ev = transfer.run_lr_study(seed, fast)
     print(seed, fast, {a: (round(e["best_value"], 3), round(e["source_acc"], 3), round(e["drift"]["blocks.1"], 2))
                        for a, e in ev.items()})
+    check_lr_study(ev, fast)
+
+
+def test_training_spread_redraws_the_pretraining_and_keeps_the_data(one_thread):
+    """Notebook 09's spread: seed + offset retrains everything (pretraining too) on the notebook's own splits."""
+    from course_lib.token_tasks import source_task, target_task
+
+    source, target = source_task(0), target_task(0)
+    got = transfer.training_spread(source, target, ("frozen_head",), 0, True, offsets=(100,))
+    pretrained, _ = transfer.pretrain(100, True, source)  # a new pretrained model, not the notebook's
+    assert got == {"frozen_head": [transfer.adapt(pretrained, "frozen_head", target, 100, True)[1].best_value]}, got
+    with pytest.raises(ValueError, match="strategies must be names"):
+        transfer.training_spread(source, target, ("lora",))
+    with pytest.raises(ValueError, match="offsets must be positive"):
+        transfer.training_spread(source, target, ("adapter",), offsets=(0,))

@@ -23,9 +23,13 @@ from a constant.
 Notebook 05's backbone-LR study (``LR_ARMS``, ``run_lr_study``) adds the same top block at the head's LR and 10x
 smaller, staged unfreezing (``adapt_staged``: the head first, then the block), and full fine-tuning with a
 too-high backbone LR (10x the head's) next to the first move (10x smaller); every run also reports ``reuse``:
-per-block weight drift and the source-task accuracy of the adapted backbone (forgetting). The test checks on
-seeds 0-4 in both modes that the 10x smaller LR moves the top block at most 0.6 times as far, and that the
-too-high LR ruins the target and the source task while the first move repairs both.
+per-block weight drift and the source-task accuracy of the adapted backbone (forgetting). On every tested seed
+and in both modes the test checks that the 10x smaller LR moves the top block at most 0.6 times as far, that
+the too-high LR ends low on the target (final val_acc <= 0.60) and that the first move repairs it; in fast mode
+also that the smaller LR costs target accuracy and that staged unfreezing moves the block less and is not
+better by more than 2 points (``check_lr_study`` in ``tests/test_scenario_transfer.py`` gives the measured
+ranges). Forgetting is reported, not asserted: in full mode the too-high run often keeps epoch 1 or 2, before
+the backbone is rewritten.
 
 Every run of one seed shares the split and the checkpoint rule (best ``val_acc``); ``seed_everything(seed)``
 before pretraining and ``seed_everything(seed + 1)`` before each strategy's fresh head, as the notebooks do.
@@ -51,7 +55,7 @@ from . import by_mode
 
 __all__ = ["TRANSFER", "STRATEGIES", "RULE", "LR_ARMS", "make_model", "prepare", "fit_kwargs", "pretrain",
            "adapt", "stages", "adapt_staged", "lr_arm", "source_accuracy", "reuse", "train_scratch",
-           "logistic_baseline", "run", "run_lr_study"]
+           "logistic_baseline", "run", "run_lr_study", "SPREAD_OFFSETS", "training_spread"]
 
 TRANSFER: dict = {
     # TinyTransformer in token mode; position embeddings start as loud as token embeddings (std 1), so
@@ -234,6 +238,35 @@ def logistic_baseline(target: Split) -> dict:
     return {"val": float(clf.score(one_hot_features(target.X_val, V), target.y_val.numpy())),
             "test": float(clf.score(one_hot_features(target.X_test, V), target.y_test.numpy())),
             "params": int(clf.coef_.size + clf.intercept_.size), "seconds": seconds}
+
+
+SPREAD_OFFSETS = (100, 200)
+"""Notebook 09's spread: the training seeds ``seed + offset`` rerun next to the notebook's own ``seed``."""
+
+
+def training_spread(source: Split, target: Split, strategies, seed: int = 0, fast: bool = True, *,
+                    offsets=SPREAD_OFFSETS, device="cpu", prepare_fn=None) -> dict:
+    """Kept val_acc of ``strategies`` retrained with the training seeds ``seed + offset``, on the same splits.
+
+    For each offset the whole training is redone with that seed: ``pretrain(seed + offset, fast, source)`` (a new
+    initialisation and batch order of pretraining), then ``adapt(..., seed + offset)`` for every strategy (a new
+    fresh head, LoRA ``A`` and batch order). The data stay the notebook's (``source`` and ``target``, split by the
+    notebook's ``seed``), so the values are comparable under one rule with the notebook's own run: what a
+    learner's ``seed`` changes in training, without changing the task. Returns ``{strategy: [value per offset]}``.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"strategies must be names from {STRATEGIES}, got {unknown}")
+    if not offsets or any(int(k) != k or k <= 0 for k in offsets):
+        raise ValueError(f"offsets must be positive whole numbers (seed + offset), got {offsets}")
+    out = {s: [] for s in strategies}
+    for k in offsets:
+        pretrained, _ = pretrain(seed + k, fast, source, device=device, progress=False)
+        for s in strategies:
+            _, history = adapt(pretrained, s, target, seed + k, fast, device=device, progress=False,
+                               prepare_fn=prepare_fn)
+            out[s].append(history.best_value)
+    return out
 
 
 def _evidence(model: nn.Module, history: History, test_loader, pretrained: nn.Module | None = None,
